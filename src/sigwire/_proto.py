@@ -1,0 +1,195 @@
+"""The only module that imports the generated protobuf code.
+
+Converts between sigwire's own values (:mod:`sigwire.envelope`) and the
+``sigwire.v1`` protobuf messages. Everything outside this module and the
+transports sees only sigwire values.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError
+
+from sigwire.envelope import AgentCard, Envelope, Reply, ReplyError, Signature
+from sigwire.errors import EnvelopeError
+from sigwire_pb.v1 import messages_pb2 as pb
+from sigwire_pb.v1 import transport_pb2 as transport_pb
+
+__all__ = [
+    "card_from_pb",
+    "card_to_pb",
+    "decode_card",
+    "decode_envelope",
+    "decode_reply",
+    "envelope_from_pb",
+    "envelope_to_pb",
+    "pb",
+    "reply_from_pb",
+    "reply_to_pb",
+    "transport_pb",
+]
+
+
+def _signature_from_pb(msg: pb.Signature) -> Signature:
+    return Signature(signer=msg.signer, algorithm=msg.algorithm, value=msg.value)
+
+
+def _set_signature(target: pb.Signature, signature: Signature) -> None:
+    target.signer = signature.signer
+    target.algorithm = signature.algorithm
+    target.value = signature.value
+
+
+def envelope_to_pb(envelope: Envelope) -> pb.Envelope:
+    """The protobuf form of ``envelope``."""
+    msg = pb.Envelope(
+        id=envelope.id,
+        kind=envelope.kind,
+        sender=envelope.sender,
+        recipient=envelope.recipient,
+        context_id=envelope.context_id,
+        task_id=envelope.task_id,
+        role=envelope.role,
+        payload=envelope.payload,
+        content_type=envelope.content_type,
+        metadata=envelope.metadata,
+        created_at_ms=envelope.created_at_ms,
+        nonce=envelope.nonce,
+    )
+    if envelope.signature is not None:
+        _set_signature(msg.signature, envelope.signature)
+    return msg
+
+
+def envelope_from_pb(msg: pb.Envelope) -> Envelope:
+    """The sigwire value of a protobuf Envelope (not yet validated or verified)."""
+    return Envelope(
+        id=msg.id,
+        kind=msg.kind,
+        sender=msg.sender,
+        payload=msg.payload,
+        recipient=msg.recipient,
+        context_id=msg.context_id,
+        task_id=msg.task_id,
+        role=msg.role,
+        content_type=msg.content_type,
+        metadata=dict(msg.metadata),
+        created_at_ms=msg.created_at_ms,
+        nonce=msg.nonce,
+        signature=_signature_from_pb(msg.signature) if msg.HasField("signature") else None,
+    )
+
+
+def reply_to_pb(reply: Reply) -> pb.Reply:
+    """The protobuf form of ``reply``."""
+    msg = pb.Reply(
+        request_id=reply.request_id,
+        success=reply.success,
+        data=reply.data,
+        content_type=reply.content_type,
+        responder=reply.responder,
+        created_at_ms=reply.created_at_ms,
+        sequence=reply.sequence,
+        final=reply.final,
+        request_digest=reply.request_digest,
+    )
+    if reply.error is not None:
+        msg.error.reason = reply.error.reason
+        msg.error.message = reply.error.message
+        msg.error.details.update(reply.error.details)
+    if reply.signature is not None:
+        _set_signature(msg.signature, reply.signature)
+    return msg
+
+
+def reply_from_pb(msg: pb.Reply) -> Reply:
+    """The sigwire value of a protobuf Reply (not yet verified)."""
+    error = None
+    if msg.HasField("error"):
+        error = ReplyError(
+            reason=msg.error.reason, message=msg.error.message, details=dict(msg.error.details)
+        )
+    return Reply(
+        request_id=msg.request_id,
+        request_digest=msg.request_digest,
+        responder=msg.responder,
+        success=msg.success,
+        data=msg.data,
+        content_type=msg.content_type,
+        error=error,
+        created_at_ms=msg.created_at_ms,
+        sequence=msg.sequence,
+        final=msg.final,
+        signature=_signature_from_pb(msg.signature) if msg.HasField("signature") else None,
+    )
+
+
+def card_to_pb(card: AgentCard) -> pb.AgentCard:
+    """The protobuf form of ``card``."""
+    msg = pb.AgentCard(
+        did=card.did,
+        name=card.name,
+        endpoints=card.endpoints,
+        kinds=card.kinds,
+        max_message_size=card.max_message_size,
+        protocol_version=card.protocol_version,
+        created_at_ms=card.created_at_ms,
+    )
+    if card.signature is not None:
+        _set_signature(msg.signature, card.signature)
+    return msg
+
+
+def card_from_pb(msg: pb.AgentCard) -> AgentCard:
+    """The sigwire value of a protobuf AgentCard (not yet verified)."""
+    return AgentCard(
+        did=msg.did,
+        name=msg.name,
+        endpoints=tuple(msg.endpoints),
+        kinds=tuple(msg.kinds),
+        max_message_size=msg.max_message_size,
+        protocol_version=msg.protocol_version,
+        created_at_ms=msg.created_at_ms,
+        signature=_signature_from_pb(msg.signature) if msg.HasField("signature") else None,
+    )
+
+
+_M = TypeVar("_M", pb.Envelope, pb.Reply, pb.AgentCard)
+
+
+def _parse(cls: type[_M], data: bytes) -> _M:
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        # ValueError: invalid UTF-8 in a string field on some runtimes.
+        raise EnvelopeError(f"undecodable {cls.__name__}: {exc}") from None
+    return msg
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Parse serialized Envelope bytes.
+
+    Raises:
+        EnvelopeError: The bytes are not an Envelope.
+    """
+    return envelope_from_pb(_parse(pb.Envelope, data))
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Parse serialized Reply bytes.
+
+    Raises:
+        EnvelopeError: The bytes are not a Reply.
+    """
+    return reply_from_pb(_parse(pb.Reply, data))
+
+
+def decode_card(data: bytes) -> AgentCard:
+    """Parse serialized AgentCard bytes.
+
+    Raises:
+        EnvelopeError: The bytes are not an AgentCard.
+    """
+    return card_from_pb(_parse(pb.AgentCard, data))

@@ -1,0 +1,351 @@
+"""Envelope, Reply and AgentCard values, and their canonical signing inputs.
+
+No I/O. The signing input of each message is a documented byte string
+(``docs/signing.md``) that any language can rebuild from the message's fields;
+it never depends on protobuf encoding.
+
+Encoding primitives, all big-endian:
+
+* ``str(s)``   u32 length of the UTF-8 bytes, then the bytes
+* ``bytes(b)`` u32 length, then the bytes
+* ``u64(n)`` / ``i64(n)``  8 bytes, unsigned / two's complement
+* ``bool(b)``  one byte, 0x00 or 0x01
+* ``map(m)``   u32 entry count, then ``str(k) str(v)`` per entry, sorted by the
+  UTF-8 bytes of the key
+* ``list(xs)`` u32 item count, then ``str(x)`` per item, in order
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Self
+
+from sigwire.errors import EnvelopeError
+
+__all__ = [
+    "CARD_DOMAIN",
+    "ED25519",
+    "ENVELOPE_DOMAIN",
+    "PROTOCOL_VERSION",
+    "REPLY_DOMAIN",
+    "AgentCard",
+    "Envelope",
+    "Reply",
+    "ReplyError",
+    "Signature",
+    "now_ms",
+    "signature_digest",
+]
+
+ED25519 = "Ed25519"
+PROTOCOL_VERSION = "sigwire/1"
+ENVELOPE_DOMAIN = "sigwire/v1/envelope"
+REPLY_DOMAIN = "sigwire/v1/reply"
+CARD_DOMAIN = "sigwire/v1/agent-card"
+
+MAX_ID_LENGTH = 256
+MIN_NONCE_LENGTH = 16
+MAX_NONCE_LENGTH = 64
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct(">q")
+_EMPTY_SHA256 = hashlib.sha256(b"").digest()
+
+
+def now_ms() -> int:
+    """Milliseconds since the Unix epoch, the unit of every sigwire timestamp."""
+    return time.time_ns() // 1_000_000
+
+
+def _str(parts: list[bytes], text: str) -> None:
+    raw = text.encode()
+    parts.append(_U32.pack(len(raw)))
+    parts.append(raw)
+
+
+def _bytes(parts: list[bytes], raw: bytes) -> None:
+    parts.append(_U32.pack(len(raw)))
+    parts.append(raw)
+
+
+def _map(parts: list[bytes], mapping: Mapping[str, str]) -> None:
+    items = sorted((k.encode(), v.encode()) for k, v in mapping.items())
+    parts.append(_U32.pack(len(items)))
+    for key, value in items:
+        parts.extend((_U32.pack(len(key)), key, _U32.pack(len(value)), value))
+
+
+def _list(parts: list[bytes], items: Iterable[str]) -> None:
+    encoded = [item.encode() for item in items]
+    parts.append(_U32.pack(len(encoded)))
+    for raw in encoded:
+        parts.extend((_U32.pack(len(raw)), raw))
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest() if data else _EMPTY_SHA256
+
+
+def _require(condition: bool, problem: str) -> None:
+    if not condition:
+        raise EnvelopeError(problem)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Signature:
+    """A signature over the signing input of the message carrying it.
+
+    Attributes:
+        signer: DID of the signer (its ``did:key``); must be the message's author.
+        algorithm: ``"Ed25519"``, the only algorithm defined.
+        value: The raw signature, 64 bytes for Ed25519.
+    """
+
+    signer: str
+    algorithm: str
+    value: bytes
+
+
+def signature_digest(signature: Signature | None) -> bytes:
+    """SHA-256 of a signature's value; what a Reply's ``request_digest`` holds."""
+    return _sha256(signature.value if signature is not None else b"")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message from one agent to another: a request or a push.
+
+    Attributes:
+        id: Unique per sender; also the idempotency key.
+        kind: What the receiver should do; selects its handler.
+        sender: DID of the author; selects the verification key.
+        payload: Opaque application bytes.
+        recipient: DID of the intended receiver, or "" for any.
+        context_id: Conversation the message belongs to.
+        task_id: Task the message belongs to.
+        role: Role of the sender, e.g. "user" or "agent".
+        content_type: Media type of ``payload``.
+        metadata: Application key/value pairs, all signed.
+        created_at_ms: Creation time in Unix milliseconds.
+        nonce: 16 or more random bytes.
+        signature: The sender's signature, or None before signing.
+    """
+
+    id: str
+    kind: str
+    sender: str
+    payload: bytes = b""
+    recipient: str = ""
+    context_id: str = ""
+    task_id: str = ""
+    role: str = ""
+    content_type: str = ""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    created_at_ms: int = 0
+    nonce: bytes = b""
+    signature: Signature | None = None
+
+    @classmethod
+    def new(
+        cls,
+        kind: str,
+        payload: bytes = b"",
+        *,
+        sender: str,
+        recipient: str = "",
+        context_id: str = "",
+        task_id: str = "",
+        role: str = "",
+        content_type: str = "",
+        metadata: Mapping[str, str] | None = None,
+        id: str | None = None,
+    ) -> Self:
+        """Create an unsigned envelope with a fresh id, nonce and timestamp."""
+        return cls(
+            id=id or str(uuid.uuid4()),
+            kind=kind,
+            sender=sender,
+            payload=payload,
+            recipient=recipient,
+            context_id=context_id,
+            task_id=task_id,
+            role=role,
+            content_type=content_type,
+            metadata=dict(metadata or {}),
+            created_at_ms=now_ms(),
+            nonce=os.urandom(MIN_NONCE_LENGTH),
+        )
+
+    def signing_input(self, *, signer: str | None = None, algorithm: str = ED25519) -> bytes:
+        """Bytes covered by the signature; independent of protobuf encoding.
+
+        Args:
+            signer: The signer DID to bind; defaults to the existing signature's
+                signer, else ``sender``.
+            algorithm: The algorithm to bind; the existing signature's, if any.
+
+        Returns:
+            The signing input defined in ``docs/signing.md``.
+        """
+        if self.signature is not None:
+            signer, algorithm = self.signature.signer, self.signature.algorithm
+        parts: list[bytes] = []
+        _str(parts, ENVELOPE_DOMAIN)
+        for text in (
+            self.id,
+            self.kind,
+            self.sender,
+            self.recipient,
+            self.context_id,
+            self.task_id,
+            self.role,
+            self.content_type,
+        ):
+            _str(parts, text)
+        _bytes(parts, _sha256(self.payload))
+        _map(parts, self.metadata)
+        parts.append(_I64.pack(self.created_at_ms))
+        _bytes(parts, self.nonce)
+        _str(parts, algorithm)
+        _str(parts, self.sender if signer is None else signer)
+        return b"".join(parts)
+
+    def validate(self) -> None:
+        """Check the fields every receiver requires.
+
+        Raises:
+            EnvelopeError: A required field is empty or out of range.
+        """
+        _require(0 < len(self.id) <= MAX_ID_LENGTH, f"id must be 1..{MAX_ID_LENGTH} characters")
+        _require(0 < len(self.kind) <= MAX_ID_LENGTH, f"kind must be 1..{MAX_ID_LENGTH} characters")
+        _require(bool(self.sender), "sender is empty")
+        _require(
+            MIN_NONCE_LENGTH <= len(self.nonce) <= MAX_NONCE_LENGTH,
+            f"nonce must be {MIN_NONCE_LENGTH}..{MAX_NONCE_LENGTH} bytes",
+        )
+        _require(self.created_at_ms > 0, "created_at_ms is not set")
+
+    def digest(self) -> bytes:
+        """SHA-256 of this envelope's signature value, as replies bind it."""
+        return signature_digest(self.signature)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplyError:
+    """An error carried in a Reply.
+
+    Attributes:
+        reason: Machine-readable code, e.g. ``"KIND_UNKNOWN"``.
+        message: Human-readable explanation; never a traceback.
+        details: Further machine-readable facts.
+    """
+
+    reason: str
+    message: str = ""
+    details: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer, or one part of a streamed answer, to one Envelope.
+
+    Attributes:
+        request_id: The id of the Envelope this answers.
+        request_digest: SHA-256 of that Envelope's signature value.
+        responder: DID of the agent that answered.
+        success: True when handled; False when ``error`` is set.
+        data: Reply bytes.
+        content_type: Media type of ``data``.
+        error: The failure, when ``success`` is False.
+        created_at_ms: Creation time in Unix milliseconds.
+        sequence: Position in a streamed answer, from 0.
+        final: True on the last part.
+        signature: The responder's signature, or None before signing.
+    """
+
+    request_id: str
+    request_digest: bytes
+    responder: str
+    success: bool = True
+    data: bytes = b""
+    content_type: str = ""
+    error: ReplyError | None = None
+    created_at_ms: int = 0
+    sequence: int = 0
+    final: bool = True
+    signature: Signature | None = None
+
+    def signing_input(self, *, signer: str | None = None, algorithm: str = ED25519) -> bytes:
+        """Bytes covered by the signature, bound to the request (``docs/signing.md``)."""
+        if self.signature is not None:
+            signer, algorithm = self.signature.signer, self.signature.algorithm
+        error = self.error or _NO_ERROR
+        parts: list[bytes] = []
+        _str(parts, REPLY_DOMAIN)
+        _str(parts, self.request_id)
+        _bytes(parts, self.request_digest)
+        _str(parts, self.responder)
+        parts.append(b"\x01" if self.success else b"\x00")
+        _str(parts, self.content_type)
+        _bytes(parts, _sha256(self.data))
+        _str(parts, error.reason)
+        _str(parts, error.message)
+        _map(parts, error.details)
+        parts.append(_I64.pack(self.created_at_ms))
+        parts.append(_U64.pack(self.sequence))
+        parts.append(b"\x01" if self.final else b"\x00")
+        _str(parts, algorithm)
+        _str(parts, self.responder if signer is None else signer)
+        return b"".join(parts)
+
+
+_NO_ERROR = ReplyError(reason="")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentCard:
+    """What an agent says about itself, signed by the agent.
+
+    Attributes:
+        did: The agent's DID.
+        name: Human-readable name.
+        endpoints: URLs in preference order (gRPC first, WebSocket fallback).
+        kinds: Envelope kinds the agent handles.
+        max_message_size: Largest Envelope the agent accepts, in bytes.
+        protocol_version: ``"sigwire/1"``.
+        created_at_ms: Creation time in Unix milliseconds.
+        signature: The agent's signature, or None before signing.
+    """
+
+    did: str
+    name: str = ""
+    endpoints: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    max_message_size: int = 0
+    protocol_version: str = PROTOCOL_VERSION
+    created_at_ms: int = 0
+    signature: Signature | None = None
+
+    def signing_input(self, *, signer: str | None = None, algorithm: str = ED25519) -> bytes:
+        """Bytes covered by the card's signature (``docs/signing.md``)."""
+        if self.signature is not None:
+            signer, algorithm = self.signature.signer, self.signature.algorithm
+        parts: list[bytes] = []
+        _str(parts, CARD_DOMAIN)
+        _str(parts, self.did)
+        _str(parts, self.name)
+        _list(parts, self.endpoints)
+        _list(parts, self.kinds)
+        parts.append(_U64.pack(self.max_message_size))
+        _str(parts, self.protocol_version)
+        parts.append(_I64.pack(self.created_at_ms))
+        _str(parts, algorithm)
+        _str(parts, self.did if signer is None else signer)
+        return b"".join(parts)

@@ -1,0 +1,488 @@
+"""Identities, did:key, signing and verification, the replay guard, trust policy.
+
+No network I/O. (Reading and writing key files lives in :mod:`sigwire.keyfile`;
+:meth:`Identity.load` and :meth:`Identity.save` delegate to it.)
+
+An agent's identity is an Ed25519 key pair. Its DID is a ``did:key``: the
+multicodec ``ed25519-pub`` prefix (0xed 0x01) followed by the 32-byte public
+key, base58btc-encoded behind a ``z`` multibase prefix. Any such DID resolves
+to its public key with no lookup, which is how receivers authenticate senders
+they have never met.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import os
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol, Self
+
+import base58
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from sigwire.envelope import ED25519, AgentCard, Envelope, Reply, Signature, now_ms
+from sigwire.errors import (
+    InvalidDidError,
+    InvalidSignatureError,
+    KeyFileError,
+    OverloadedError,
+    ReplayError,
+    SignatureMissingError,
+    StaleMessageError,
+    UnknownSignerError,
+    UnsupportedAlgorithmError,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = [
+    "AllowList",
+    "Identity",
+    "OpenTrust",
+    "ReplayGuard",
+    "TrustPolicy",
+    "Verifier",
+    "did_from_public_key",
+    "public_key_from_did",
+]
+
+DID_KEY_PREFIX = "did:key:z"
+_ED25519_MULTICODEC = b"\xed\x01"
+_SIGNATURE_LENGTH = 64
+# Longest base58 text of 34 bytes is 47 characters; anything longer is garbage.
+_MAX_DID_LENGTH = len(DID_KEY_PREFIX) + 48
+
+
+def did_from_public_key(public_key: bytes) -> str:
+    """The ``did:key`` of a raw 32-byte Ed25519 public key.
+
+    Raises:
+        InvalidDidError: The key is not 32 bytes.
+    """
+    if len(public_key) != 32:
+        raise InvalidDidError(
+            public_key.hex(), f"Ed25519 public keys are 32 bytes, not {len(public_key)}"
+        )
+    return DID_KEY_PREFIX + base58.b58encode(_ED25519_MULTICODEC + public_key).decode()
+
+
+def public_key_from_did(did: str) -> bytes:
+    """The raw 32-byte Ed25519 public key a ``did:key`` encodes.
+
+    Raises:
+        InvalidDidError: Not a did:key, not base58btc, not an Ed25519 key, or
+            not a point on the curve.
+    """
+    return _resolve(did).public_bytes_raw()
+
+
+@functools.lru_cache(maxsize=8192)
+def _resolve(did: str) -> Ed25519PublicKey:
+    # Parsed keys are cached per DID: parsing costs more than a hash lookup,
+    # and the same few peers sign almost every message a server sees.
+    if not did.startswith("did:"):
+        raise InvalidDidError(did, "not a DID (expected did:key:z6Mk...)")
+    if not did.startswith(DID_KEY_PREFIX):
+        raise InvalidDidError(did, "only did:key with base58btc ('z') multibase is supported")
+    if len(did) > _MAX_DID_LENGTH:
+        raise InvalidDidError(did, "too long for an Ed25519 did:key")
+    try:
+        raw = base58.b58decode(did[len(DID_KEY_PREFIX) :])
+    except ValueError:
+        raise InvalidDidError(did, "not valid base58btc") from None
+    if not raw.startswith(_ED25519_MULTICODEC):
+        raise InvalidDidError(did, "not an Ed25519 key (multicodec ed25519-pub is 0xed01)")
+    key = raw[len(_ED25519_MULTICODEC) :]
+    if len(key) != 32:
+        raise InvalidDidError(did, f"Ed25519 public keys are 32 bytes, not {len(key)}")
+    if DID_KEY_PREFIX + base58.b58encode(raw).decode() != did:
+        raise InvalidDidError(did, "not the canonical base58btc encoding of its key")
+    try:
+        return Ed25519PublicKey.from_public_bytes(key)
+    except ValueError:
+        raise InvalidDidError(did, "not a valid Ed25519 public key") from None
+
+
+class Identity:
+    """An agent's Ed25519 key pair and the ``did:key`` derived from it.
+
+    Example::
+
+        me = Identity.generate()
+        me.save("agent.pem")             # written 0600
+        assert Identity.load("agent.pem").did == me.did
+    """
+
+    __slots__ = ("_did", "_private", "_public_raw")
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._private = private_key
+        self._public_raw = private_key.public_key().public_bytes_raw()
+        self._did = did_from_public_key(self._public_raw)
+
+    @classmethod
+    def generate(cls) -> Self:
+        """A new identity from the operating system's random source."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Self:
+        """The identity whose RFC 8032 private key (seed) is ``seed``.
+
+        Raises:
+            KeyFileError: The seed is not 32 bytes.
+        """
+        if len(seed) != 32:
+            raise KeyFileError("<seed>", f"an Ed25519 seed is 32 bytes, not {len(seed)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @classmethod
+    def from_pem(cls, pem: bytes, *, source: str = "<pem>") -> Self:
+        """Parse an unencrypted PKCS#8 PEM Ed25519 private key.
+
+        Raises:
+            KeyFileError: Not PEM, encrypted, or not an Ed25519 key.
+        """
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise KeyFileError(source, f"not an unencrypted PEM private key ({exc})") from None
+        except Exception:  # cryptography raises UnsupportedAlgorithm for odd curves
+            raise KeyFileError(source, "unsupported private key type") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyFileError(source, f"not an Ed25519 key ({type(key).__name__})")
+        return cls(key)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Load a key file; see :func:`sigwire.keyfile.load_identity`."""
+        from sigwire import keyfile
+
+        return cls.from_pem(keyfile.read_private_key(path), source=os.fspath(path))
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the private key as PEM with mode 0600; see :mod:`sigwire.keyfile`."""
+        from sigwire import keyfile
+
+        return keyfile.write_private_key(path, self.to_pem(), overwrite=overwrite)
+
+    def to_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM."""
+        return self._private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def to_seed_hex(self) -> str:
+        """The raw 32-byte private key (RFC 8032 seed) as hex; for test vectors only."""
+        return self._private.private_bytes_raw().hex()
+
+    @property
+    def did(self) -> str:
+        """This identity's ``did:key``."""
+        return self._did
+
+    @property
+    def public_key(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self._public_raw
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``data``."""
+        return self._private.sign(data)
+
+    def _signature(self, signing_input: bytes) -> Signature:
+        return Signature(signer=self._did, algorithm=ED25519, value=self.sign(signing_input))
+
+    def sign_envelope(self, envelope: Envelope) -> Envelope:
+        """``envelope`` signed by this identity, which must be its sender.
+
+        Raises:
+            InvalidSignatureError: ``envelope.sender`` is another DID.
+        """
+        if envelope.sender != self._did:
+            raise InvalidSignatureError(f"cannot sign for sender {envelope.sender}")
+        unsigned = dataclasses.replace(envelope, signature=None)
+        return dataclasses.replace(envelope, signature=self._signature(unsigned.signing_input()))
+
+    def sign_reply(self, reply: Reply) -> Reply:
+        """``reply`` signed by this identity, which must be its responder."""
+        if reply.responder != self._did:
+            raise InvalidSignatureError(f"cannot sign for responder {reply.responder}")
+        unsigned = dataclasses.replace(reply, signature=None)
+        return dataclasses.replace(reply, signature=self._signature(unsigned.signing_input()))
+
+    def sign_card(self, card: AgentCard) -> AgentCard:
+        """``card`` signed by this identity, which must be the card's DID."""
+        if card.did != self._did:
+            raise InvalidSignatureError(f"cannot sign a card for {card.did}")
+        unsigned = dataclasses.replace(card, signature=None)
+        return dataclasses.replace(card, signature=self._signature(unsigned.signing_input()))
+
+    def __repr__(self) -> str:
+        # Never the private key, even by accident in a log line.
+        return f"Identity({self._did})"
+
+
+class TrustPolicy(Protocol):
+    """Decides which authenticated signers may talk to us."""
+
+    def check(self, did: str) -> None:
+        """Return if ``did`` is admitted.
+
+        Raises:
+            UnknownSignerError: It is not.
+        """
+
+
+class OpenTrust:
+    """Admit every signer whose signature verifies (authenticated, open)."""
+
+    def check(self, did: str) -> None:
+        """Admit ``did``."""
+
+    def __repr__(self) -> str:
+        return "OpenTrust()"
+
+
+class AllowList:
+    """Admit only the listed DIDs."""
+
+    def __init__(self, dids: Iterable[str]) -> None:
+        dids = frozenset(dids)
+        for did in dids:
+            public_key_from_did(did)  # reject malformed entries up front
+        self.dids = dids
+
+    @classmethod
+    def from_text(cls, text: str, *, source: str = "<text>") -> Self:
+        """Parse one DID per line; blank lines and ``#`` comments are ignored.
+
+        Raises:
+            InvalidDidError: A line is not a valid did:key (its line number is named).
+        """
+        dids = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            try:
+                public_key_from_did(entry)
+            except InvalidDidError as exc:
+                raise InvalidDidError(entry, f"{source}:{number}: {exc.message}") from None
+            dids.append(entry)
+        return cls(dids)
+
+    def check(self, did: str) -> None:
+        """Admit ``did`` only if listed."""
+        if did not in self.dids:
+            raise UnknownSignerError(did)
+
+    def __repr__(self) -> str:
+        return f"AllowList({len(self.dids)} DIDs)"
+
+
+class Verifier:
+    """Authenticates messages: signature, algorithm, signer and trust policy.
+
+    Args:
+        trust: Which authenticated signers are admitted; default everyone.
+        require_signatures: When False, unsigned envelopes pass unauthenticated
+            (a signature that is present is still checked). Default True.
+    """
+
+    def __init__(
+        self, trust: TrustPolicy | None = None, *, require_signatures: bool = True
+    ) -> None:
+        self.trust: TrustPolicy = trust or OpenTrust()
+        self.require_signatures = require_signatures
+
+    @staticmethod
+    def check_signature(signature: Signature | None, author: str, signing_input: bytes) -> None:
+        """Verify that ``signature`` is ``author``'s Ed25519 signature of the input.
+
+        Raises:
+            SignatureMissingError: No signature.
+            UnsupportedAlgorithmError: Not Ed25519.
+            InvalidSignatureError: Wrong signer, wrong length, or does not verify.
+            InvalidDidError: ``author`` is not a valid did:key.
+        """
+        if signature is None or not signature.value:
+            raise SignatureMissingError("the message is not signed")
+        if signature.algorithm != ED25519:
+            raise UnsupportedAlgorithmError(signature.algorithm)
+        if signature.signer != author:
+            raise InvalidSignatureError("the signer is not the message's author")
+        if len(signature.value) != _SIGNATURE_LENGTH:
+            raise InvalidSignatureError(
+                f"an Ed25519 signature is 64 bytes, not {len(signature.value)}"
+            )
+        key = _resolve(author)
+        try:
+            key.verify(signature.value, signing_input)
+        except InvalidSignature:
+            raise InvalidSignatureError("the signature does not verify") from None
+
+    def authenticate(self, envelope: Envelope) -> None:
+        """Check an envelope's signature (not yet the trust policy).
+
+        Raises:
+            SigningError: Any of the signature failures of :meth:`check_signature`.
+        """
+        if envelope.signature is None and not self.require_signatures:
+            return
+        self.check_signature(envelope.signature, envelope.sender, envelope.signing_input())
+
+    def admit(self, did: str) -> None:
+        """Apply the trust policy.
+
+        Raises:
+            UnknownSignerError: ``did`` is not admitted.
+        """
+        self.trust.check(did)
+
+    def verify_envelope(self, envelope: Envelope) -> None:
+        """Authenticate ``envelope`` and apply the trust policy."""
+        self.authenticate(envelope)
+        if envelope.signature is not None or self.require_signatures:
+            self.admit(envelope.sender)
+
+    def verify_reply(
+        self, reply: Reply, request: Envelope, *, expected_responder: str | None = None
+    ) -> None:
+        """Check that ``reply`` is a signed answer to exactly ``request``.
+
+        Args:
+            reply: The reply received.
+            request: The envelope it claims to answer.
+            expected_responder: If given, the DID the reply must come from (pinning).
+
+        Raises:
+            InvalidSignatureError: Bad signature, or bound to another request.
+            UnknownSignerError: Not from ``expected_responder``.
+        """
+        if reply.request_id != request.id or reply.request_digest != request.digest():
+            raise InvalidSignatureError("the reply answers a different request")
+        if expected_responder is not None and reply.responder != expected_responder:
+            raise UnknownSignerError(reply.responder)
+        self.check_signature(reply.signature, reply.responder, reply.signing_input())
+
+    def verify_card(self, card: AgentCard, *, expected_did: str | None = None) -> None:
+        """Check an AgentCard's self-signature (and, if given, whose card it is)."""
+        if expected_did is not None and card.did != expected_did:
+            raise UnknownSignerError(card.did)
+        self.check_signature(card.signature, card.did, card.signing_input())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Seen:
+    digest: bytes
+    expires_ms: int
+
+
+class ReplayGuard:
+    """Rejects replayed envelopes: a timestamp window plus a bounded nonce cache.
+
+    An envelope is fresh when its timestamp lies within ``[now - past_ms,
+    now + future_ms]`` and its ``(sender, nonce)`` has not been seen. Seen
+    nonces are kept for ``ttl_ms`` (at least twice the window, so that clock
+    skew cannot reopen it). An exact re-send of an envelope already seen (same
+    nonce, same signature) is a *duplicate*, not a replay: the caller answers
+    it from its reply cache without running the handler again.
+
+    :meth:`check_and_mark` is ONE atomic step under a lock, so concurrent
+    callers (threads included) can never both see the same nonce as fresh.
+
+    When the cache holds ``capacity`` unexpired entries it refuses new
+    envelopes (fail closed) rather than forget nonces that are still live.
+
+    Args:
+        past_ms: How old an envelope may be. Default 5 minutes.
+        future_ms: How far ahead of our clock it may be. Default 30 seconds.
+        ttl_ms: How long nonces are remembered; default twice the window.
+        capacity: Most nonces remembered at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        past_ms: int = 300_000,
+        future_ms: int = 30_000,
+        ttl_ms: int | None = None,
+        capacity: int = 1_000_000,
+    ) -> None:
+        window = past_ms + future_ms
+        self.ttl_ms = 2 * window if ttl_ms is None else ttl_ms
+        if self.ttl_ms < 2 * window:
+            raise ValueError("ttl_ms must be at least twice the window (past_ms + future_ms)")
+        if capacity < 1:
+            raise ValueError("capacity must be positive")
+        self.past_ms = past_ms
+        self.future_ms = future_ms
+        self.capacity = capacity
+        self._seen: collections.OrderedDict[bytes, _Seen] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_window(self, created_at_ms: int, now: int | None = None) -> None:
+        """Raise :class:`StaleMessageError` if the timestamp is outside the window."""
+        now = now_ms() if now is None else now
+        skew = created_at_ms - now
+        if skew < -self.past_ms or skew > self.future_ms:
+            raise StaleMessageError(skew)
+
+    def check_and_mark(self, envelope: Envelope, now: int | None = None) -> bool:
+        """Atomically check an envelope against the window and cache, and record it.
+
+        Returns:
+            True if fresh (now recorded); False if an exact duplicate of one
+            already seen.
+
+        Raises:
+            StaleMessageError: Timestamp outside the window.
+            ReplayError: The nonce was seen with different content.
+            OverloadedError: The cache is full of live nonces.
+        """
+        now = now_ms() if now is None else now
+        self.check_window(envelope.created_at_ms, now)
+        key = _nonce_key(envelope.sender, envelope.nonce)
+        digest = envelope.digest()
+        with self._lock:
+            self._expire(now)
+            seen = self._seen.get(key)
+            if seen is not None:
+                if seen.digest == digest:
+                    return False
+                raise ReplayError("nonce already used by another message from this sender")
+            if len(self._seen) >= self.capacity:
+                raise OverloadedError("replay cache is full; try again shortly")
+            self._seen[key] = _Seen(digest, now + self.ttl_ms)
+            return True
+
+    def _expire(self, now: int) -> None:
+        # Insertion order is expiry order (constant TTL, monotone enough clock),
+        # so expired entries are always at the front.
+        seen = self._seen
+        while seen:
+            first = next(iter(seen.values()))
+            if first.expires_ms > now:
+                break
+            seen.popitem(last=False)
+
+
+def _nonce_key(sender: str, nonce: bytes) -> bytes:
+    # A fixed-size digest bounds memory per entry whatever the field sizes.
+    return hashlib.blake2b(sender.encode() + b"\x00" + nonce, digest_size=16).digest()
