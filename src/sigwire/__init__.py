@@ -1,6 +1,8 @@
 """sigwire: signed agent-to-agent messaging over gRPC, with a WebSocket fallback."""
 
-from sigwire.envelope import AgentCard, Envelope, Reply, ReplyError, Signature
+from sigwire.client import Backoff, Peer, connect
+from sigwire.dispatch import Limits
+from sigwire.envelope import AgentCard, Envelope, Message, Reply, ReplyError, Signature
 from sigwire.errors import (
     ApplicationError,
     ConnectError,
@@ -31,6 +33,8 @@ from sigwire.errors import (
     UnsupportedAlgorithmError,
     UnsupportedSchemeError,
 )
+from sigwire.server import Server
+from sigwire.session import SessionOptions
 from sigwire.signing import (
     AllowList,
     Identity,
@@ -42,6 +46,9 @@ from sigwire.signing import (
     public_key_from_did,
 )
 from sigwire.targets import Target, parse_target
+from sigwire.transports.base import TlsClientConfig
+from sigwire.transports.grpc.server import TlsServerConfig
+from sigwire.transports.registry import Registry, default_registry
 
 __version__ = "0.1.0"
 
@@ -49,6 +56,7 @@ __all__ = [
     "AgentCard",
     "AllowList",
     "ApplicationError",
+    "Backoff",
     "ConnectError",
     "ConnectionClosedError",
     "DeadlineExceededError",
@@ -62,17 +70,23 @@ __all__ = [
     "InvalidTargetError",
     "KeyFileError",
     "KindUnknownError",
+    "Limits",
+    "Message",
     "MessageTooLargeError",
     "MisdirectedError",
     "NoTransportAvailableError",
     "OpenTrust",
     "OverloadedError",
+    "Peer",
     "RateLimitedError",
+    "Registry",
     "RemoteError",
     "ReplayError",
     "ReplayGuard",
     "Reply",
     "ReplyError",
+    "Server",
+    "SessionOptions",
     "ShuttingDownError",
     "Signature",
     "SignatureMissingError",
@@ -80,6 +94,8 @@ __all__ = [
     "SigwireError",
     "StaleMessageError",
     "Target",
+    "TlsClientConfig",
+    "TlsServerConfig",
     "TransportError",
     "TrustPolicy",
     "UnknownSignerError",
@@ -87,6 +103,8 @@ __all__ = [
     "UnsupportedSchemeError",
     "Verifier",
     "__version__",
+    "connect",
+    "default_registry",
     "did_from_public_key",
     "parse_target",
     "public_key_from_did",

@@ -36,6 +36,7 @@ __all__ = [
     "REPLY_DOMAIN",
     "AgentCard",
     "Envelope",
+    "Message",
     "Reply",
     "ReplyError",
     "Signature",
@@ -349,3 +350,68 @@ class AgentCard:
         _str(parts, algorithm)
         _str(parts, self.did if signer is None else signer)
         return b"".join(parts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """An inbound envelope after verification, as a handler receives it.
+
+    Attributes:
+        envelope: The verified envelope.
+    """
+
+    envelope: Envelope
+
+    @property
+    def id(self) -> str:
+        """The envelope id (the sender's idempotency key)."""
+        return self.envelope.id
+
+    @property
+    def kind(self) -> str:
+        """The kind that selected this handler."""
+        return self.envelope.kind
+
+    @property
+    def sender(self) -> str:
+        """The sender's DID, verified by its signature (unless verification is off)."""
+        return self.envelope.sender
+
+    @property
+    def payload(self) -> bytes:
+        """The application bytes."""
+        return self.envelope.payload
+
+    @property
+    def content_type(self) -> str:
+        """Media type of the payload."""
+        return self.envelope.content_type
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """Signed application key/value pairs."""
+        return self.envelope.metadata
+
+    @property
+    def context_id(self) -> str:
+        """Conversation id."""
+        return self.envelope.context_id
+
+    @property
+    def task_id(self) -> str:
+        """Task id."""
+        return self.envelope.task_id
+
+    @property
+    def role(self) -> str:
+        """Role of the sender."""
+        return self.envelope.role
+
+    @property
+    def recipient(self) -> str:
+        """The DID the sender addressed, or ""."""
+        return self.envelope.recipient
+
+    def text(self) -> str:
+        """The payload decoded as UTF-8."""
+        return self.payload.decode()

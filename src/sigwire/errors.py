@@ -377,7 +377,12 @@ def _all_classes() -> dict[str, type[SigwireError]]:
     pending: list[type[SigwireError]] = [SigwireError]
     while pending:
         cls = pending.pop()
-        found.setdefault(cls.default_reason, cls)
+        if "default_reason" in vars(cls):
+            # Ancestors are visited first, so a subclass that redeclares its
+            # parent's reason wins: SIGNATURE_INVALID is InvalidSignatureError,
+            # not its parent SigningError. A subclass that merely inherits a
+            # reason does not take it over.
+            found[cls.default_reason] = cls
         pending.extend(cls.__subclasses__())
     return found
 

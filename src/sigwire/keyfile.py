@@ -49,15 +49,21 @@ def read_private_key(path: str | os.PathLike[str]) -> bytes:
         raise KeyFileError(name, "no such file (create one with `sigwire keygen`)") from None
     except OSError as exc:
         raise KeyFileError(name, exc.strerror or str(exc)) from None
-    with os.fdopen(fd, "rb") as handle:
-        # fstat on the open descriptor: the file checked is the file read.
-        info = os.fstat(handle.fileno())
+    try:
+        # fstat on the open descriptor: the file checked is the file read. And
+        # before fdopen, which refuses a directory with a bare IsADirectoryError.
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise KeyFileError(name, "not a regular file")
         if _CHECK_MODE and info.st_mode & 0o077:
             raise InsecureKeyFileError(name, stat.S_IMODE(info.st_mode))
         if info.st_size > _MAX_KEY_FILE:
             raise KeyFileError(name, "too large to be a key file")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
         return handle.read(_MAX_KEY_FILE)
 
 

@@ -472,6 +472,18 @@ class ReplayGuard:
             self._seen[key] = _Seen(digest, now + self.ttl_ms)
             return True
 
+    def release(self, envelope: Envelope) -> None:
+        """Forget an envelope that was refused after :meth:`check_and_mark`.
+
+        Used when the handler never ran (rate limited, unknown kind, shutting
+        down), so that the sender may re-send the very same envelope.
+        """
+        key = _nonce_key(envelope.sender, envelope.nonce)
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and seen.digest == envelope.digest():
+                del self._seen[key]
+
     def _expire(self, now: int) -> None:
         # Insertion order is expiry order (constant TTL, monotone enough clock),
         # so expired entries are always at the front.

@@ -334,9 +334,9 @@ Global___ReplyBatch: _TypeAlias = ReplyBatch  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
-    """Cumulative acknowledgement on a Connect stream: every message this side
-    received with a stream sequence number <= sequence has been taken in
-    charge (handled, or its reply cached).
+    """Cumulative acknowledgement on a Connect stream: the receiver has taken in
+    charge every envelope and reply numbered <= sequence (see Frame.sequence).
+    Acks open the sender's flow-control window.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -453,8 +453,10 @@ class Frame(_message.Message):
     PONG_FIELD_NUMBER: _builtins.int
     GOAWAY_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
-    """Per-direction stream sequence number of frames that carry envelopes or
-    replies, from 1; 0 on frames that need no acknowledgement (acks, pings).
+    """On frames carrying envelopes or replies: how many envelopes and replies
+    this side has sent on the stream, through the last one in this frame
+    (each envelope and each reply counts one; the first frame of one
+    message has sequence 1). 0 on acks, pings, pongs and goaways.
     """
     @_builtins.property
     def envelopes(self) -> Global___EnvelopeBatch:

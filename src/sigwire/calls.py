@@ -1,0 +1,111 @@
+"""Correlation of replies with the requests (or pushes) waiting for them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sigwire.envelope import Envelope, Reply
+from sigwire.errors import SigwireError, error_from_wire
+from sigwire.signing import Verifier
+
+__all__ = ["Correlator", "PendingCall"]
+
+log = logging.getLogger("sigwire.client")
+
+
+class PendingCall:
+    """One request waiting for its reply or replies.
+
+    Attributes:
+        envelope: The signed request, kept for re-sending after a reconnect.
+        expected_responder: The DID every reply must come from, if known.
+        sent_on: The session it was last sent on (re-sent on a new one).
+    """
+
+    __slots__ = ("_queue", "envelope", "expected_responder", "next_sequence", "sent_on")
+
+    def __init__(self, envelope: Envelope, expected_responder: str | None) -> None:
+        self.envelope = envelope
+        self.expected_responder = expected_responder
+        self.next_sequence = 0
+        self.sent_on: object = None
+        self._queue: asyncio.Queue[Reply | SigwireError] = asyncio.Queue()
+
+    async def next(self) -> Reply:
+        """The next reply, in sequence order.
+
+        Raises:
+            SigwireError: The call failed (connection lost for good, bad reply
+                signature, or the peer's error).
+        """
+        item = await self._queue.get()
+        if isinstance(item, SigwireError):
+            raise item
+        if not item.success:
+            error = item.error
+            raise error_from_wire(
+                error.reason if error else "UNKNOWN",
+                error.message if error else "the peer reported a failure",
+                error.details if error else None,
+            )
+        return item
+
+    def fail(self, error: SigwireError) -> None:
+        self._queue.put_nowait(error)
+
+
+class Correlator:
+    """Pending calls by request id; verifies every reply before delivering it.
+
+    A reply is delivered only if its signature verifies, it is bound to the
+    very request (id and signature digest), and it comes from the expected
+    responder. Replies already delivered (same sequence number, as after a
+    re-send) are dropped, so a streamed answer is never seen twice.
+    """
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self._pending: dict[str, PendingCall] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, envelope: Envelope, expected_responder: str | None) -> PendingCall:
+        call = PendingCall(envelope, expected_responder)
+        self._pending[envelope.id] = call
+        return call
+
+    def discard(self, call: PendingCall) -> None:
+        if self._pending.get(call.envelope.id) is call:
+            del self._pending[call.envelope.id]
+
+    def pending(self) -> list[PendingCall]:
+        return list(self._pending.values())
+
+    def deliver(self, reply: Reply) -> None:
+        call = self._pending.get(reply.request_id)
+        if call is None:
+            log.debug("dropping reply to unknown or finished request %s", reply.request_id)
+            return
+        if reply.sequence < call.next_sequence:
+            return  # already delivered before a re-send
+        try:
+            self.verifier.verify_reply(
+                reply, call.envelope, expected_responder=call.expected_responder
+            )
+        except SigwireError as exc:
+            log.warning("refusing reply to %s: %s", reply.request_id, exc)
+            call.fail(exc)
+            self.discard(call)
+            return
+        call.next_sequence = reply.sequence + 1
+        call._queue.put_nowait(reply)
+        if reply.final:
+            self.discard(call)
+
+    def fail_all(self, error: SigwireError) -> None:
+        """Fail every pending call at once (the connection is gone for good)."""
+        pending, self._pending = self._pending, {}
+        for call in pending.values():
+            call.fail(error)

@@ -1,0 +1,451 @@
+"""The client: ``async with sigwire.connect(url) as peer``.
+
+A :class:`Peer` keeps one Connect stream to an agent. Requests and streamed
+requests are multiplexed on it and correlated by id; the agent may push
+envelopes, answered by handlers registered with :meth:`Peer.on`. When the
+stream drops, the peer reconnects by itself with exponential backoff and
+jitter and re-sends every unanswered request with the same id (the server
+answers a re-sent id from its reply cache, never running a handler twice);
+when reconnection is given up, every pending call fails at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from sigwire.calls import Correlator, PendingCall
+from sigwire.dispatch import HELLO_KIND, Dispatcher, Handler, Handlers, Limits
+from sigwire.envelope import AgentCard, Envelope, Reply
+from sigwire.errors import (
+    ConnectionClosedError,
+    DeadlineExceededError,
+    NoTransportAvailableError,
+    SigwireError,
+)
+from sigwire.session import GoAwayInfo, Session, SessionOptions
+from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier
+from sigwire.targets import Target
+from sigwire.transports.base import ClientOptions, Health, TlsClientConfig
+from sigwire.transports.registry import Registry, default_registry
+
+__all__ = ["Backoff", "Peer", "connect"]
+
+log = logging.getLogger("sigwire.client")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnection schedule: exponential, with jitter.
+
+    Attempt ``n`` (from 0) waits ``min(maximum, initial * multiplier**n)``
+    scaled by a random factor in ``[1 - jitter, 1]``, so that many clients
+    cut off together do not come back together.
+
+    Attributes:
+        initial: First delay, seconds.
+        maximum: Largest delay, seconds.
+        multiplier: Growth per attempt.
+        jitter: Fraction of each delay that is randomized.
+        attempts: Attempts before giving up; None retries forever.
+    """
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+    attempts: int | None = 10
+
+    def delays(self) -> Iterator[float]:
+        """The successive delays (a stdlib loop; no retry library needed)."""
+        attempt = 0
+        while self.attempts is None or attempt < self.attempts:
+            base = min(self.maximum, self.initial * self.multiplier**attempt)
+            yield base * (1 - self.jitter * random.random())
+            attempt += 1
+
+
+class Peer:
+    """A connection to one agent (see :func:`connect`)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        identity: Identity | None = None,
+        expect_did: str | None = None,
+        registry: Registry | None = None,
+        tls: TlsClientConfig | None = None,
+        connect_timeout: float = 5.0,
+        backoff: Backoff | None = None,
+        session: SessionOptions | None = None,
+        trust: TrustPolicy | None = None,
+        limits: Limits | None = None,
+        keepalive: float = 20.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("give at least one URL")
+        self.identity = identity or Identity.generate()
+        self.expect_did = expect_did
+        self._own_registry = registry is None
+        self.registry = registry or default_registry()
+        self.targets: list[Target] = [self.registry.parse(url) for url in urls]
+        self.options = ClientOptions(
+            identity=self.identity,
+            tls=tls,
+            connect_timeout=connect_timeout,
+            max_message_size=(limits or Limits()).max_message_size,
+            keepalive=keepalive,
+        )
+        self.backoff = backoff or Backoff()
+        self.session_options = session or SessionOptions()
+        self.handlers = Handlers()
+        self.verifier = Verifier(trust)
+        self.dispatcher = Dispatcher(
+            self.identity, self.handlers, verifier=self.verifier, guard=ReplayGuard(), limits=limits
+        )
+        self.correlator = Correlator(self.verifier)
+        self.server_did: str | None = expect_did
+        self.target: Target | None = None
+        self.reconnects = 0
+        self._session: Session | None = None
+        self._ready = asyncio.Event()
+        self._failure: SigwireError | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+
+    def on(self, kind: str) -> Callable[[Handler], Handler]:
+        """Decorator registering a handler for pushes of ``kind`` from the agent."""
+        return self.handlers.on(kind)
+
+    @property
+    def did(self) -> str:
+        """This client's DID."""
+        return self.identity.did
+
+    @property
+    def url(self) -> str:
+        """The URL currently (or last) connected to."""
+        return self.target.url if self.target else self.targets[0].url
+
+    # -- connecting ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (trying each URL in order) and start supervising the stream.
+
+        Raises:
+            NoTransportAvailableError: Every URL failed; ``.attempts`` says why.
+        """
+        session, task = await self._open()
+        self._supervisor = asyncio.create_task(self._supervise(session, task))
+
+    async def _open(self) -> tuple[Session, asyncio.Task[None]]:
+        attempts: list[tuple[str, BaseException]] = []
+        for target in self.targets:
+            try:
+                return await self._open_one(target)
+            except SigwireError as exc:
+                log.info("cannot use %s: %s", target.url, exc)
+                attempts.append((target.url, exc))
+        raise NoTransportAvailableError(attempts)
+
+    async def _open_one(self, target: Target) -> tuple[Session, asyncio.Task[None]]:
+        connector = self.registry.connector(target)
+        stream = await connector.open(target, self.options)
+        session = Session(
+            stream,
+            self.dispatcher,
+            on_reply=self.correlator.deliver,
+            options=self.session_options,
+            on_goaway=self._goaway,
+            name=f"client {target.url}",
+        )
+        task = asyncio.create_task(session.run(), name=f"sigwire-session {target.url}")
+        try:
+            hello = self.identity.sign_envelope(
+                Envelope.new(HELLO_KIND, sender=self.did, recipient=self.expect_did or "")
+            )
+            call = self.correlator.add(hello, expected_responder=self.expect_did)
+            try:
+                async with asyncio.timeout(self.options.connect_timeout):
+                    await session.send_envelope(hello)
+                    reply = await _first(call, session)
+            except TimeoutError:
+                raise ConnectionClosedError(f"{target.url}: no hello reply in time") from None
+            finally:
+                self.correlator.discard(call)
+        except BaseException:
+            await session.close()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        session.bind(reply.responder)
+        self.server_did = reply.responder
+        self.target = target
+        self._session = session
+        await self._resend(session)
+        self._ready.set()
+        return session, task
+
+    async def _resend(self, session: Session) -> None:
+        # Until nothing is left unsent on this session; then (with no await
+        # in between) the caller marks the peer ready, so no request falls
+        # between the two.
+        while True:
+            todo = [call for call in self.correlator.pending() if call.sent_on is not session]
+            if not todo:
+                return
+            for call in todo:
+                call.sent_on = session
+                await session.send_envelope(call.envelope)
+
+    def _goaway(self, info: GoAwayInfo) -> None:
+        log.info("%s is going away (%s): %s", self.url, info.reason, info.message)
+        self._ready.clear()
+
+    async def _supervise(self, session: Session, task: asyncio.Task[None]) -> None:
+        while True:
+            await task
+            self._ready.clear()
+            self._session = None
+            if self._closed.is_set():
+                return
+            log.info("lost %s (%s); reconnecting", self.url, session.error or "closed")
+            reconnected = False
+            for delay in self.backoff.delays():
+                await asyncio.sleep(delay)
+                if self._closed.is_set():
+                    return
+                try:
+                    session, task = await self._open()
+                except SigwireError as exc:
+                    log.info("reconnect failed: %s", exc)
+                    continue
+                self.reconnects += 1
+                reconnected = True
+                break
+            if not reconnected:
+                self._failure = ConnectionClosedError(
+                    f"connection to {self.url} lost; gave up reconnecting"
+                )
+                self.correlator.fail_all(self._failure)
+                return
+
+    # -- calling ---------------------------------------------------------------
+
+    def _envelope(
+        self,
+        kind: str,
+        payload: bytes | str,
+        metadata: Mapping[str, str] | None,
+        extra: Mapping[str, Any],
+    ) -> Envelope:
+        data = payload.encode() if isinstance(payload, str) else payload
+        return self.identity.sign_envelope(
+            Envelope.new(
+                kind,
+                data,
+                sender=self.did,
+                recipient=self.server_did or "",
+                metadata=metadata,
+                role=extra.get("role", "agent"),
+                content_type=extra.get("content_type", ""),
+                context_id=extra.get("context_id", ""),
+                task_id=extra.get("task_id", ""),
+                id=extra.get("id"),
+            )
+        )
+
+    async def _submit(self, envelope: Envelope) -> PendingCall:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed.is_set():
+            raise ConnectionClosedError("the peer is closed")
+        call = self.correlator.add(envelope, expected_responder=self.server_did)
+        session = self._session
+        if self._ready.is_set() and session is not None and session.is_open:
+            call.sent_on = session
+            try:
+                await session.send_envelope(envelope)
+            except ConnectionClosedError:
+                pass  # re-sent by the supervisor after reconnecting
+        return call
+
+    async def request(
+        self,
+        kind: str,
+        payload: bytes | str = b"",
+        *,
+        timeout: float = 30.0,
+        metadata: Mapping[str, str] | None = None,
+        **fields: Any,
+    ) -> Reply:
+        """Send a signed request and return the agent's verified reply.
+
+        Args:
+            kind: Selects the agent's handler.
+            payload: Request bytes (str is sent as UTF-8).
+            timeout: Deadline in seconds for the whole call, reconnects included.
+            metadata: Signed key/value pairs.
+            **fields: ``context_id``, ``task_id``, ``role``, ``content_type``, ``id``.
+
+        Raises:
+            DeadlineExceededError: No reply in time.
+            ConnectionClosedError: The connection is gone for good.
+            SigwireError: The agent's error, as its specific class (remote=True).
+        """
+        envelope = self._envelope(kind, payload, metadata, fields)
+        try:
+            async with asyncio.timeout(timeout):
+                call = await self._submit(envelope)
+                try:
+                    return await call.next()
+                finally:
+                    self.correlator.discard(call)
+        except TimeoutError:
+            raise DeadlineExceededError(f"no reply to {kind!r} within {timeout:g}s") from None
+
+    async def stream(
+        self,
+        kind: str,
+        payload: bytes | str = b"",
+        *,
+        timeout: float = 60.0,
+        metadata: Mapping[str, str] | None = None,
+        **fields: Any,
+    ) -> AsyncIterator[Reply]:
+        """Send a signed request and yield each streamed (verified) reply part.
+
+        The terminal reply that ends the stream is not yielded unless it carries data.
+
+        Raises:
+            DeadlineExceededError: The stream did not finish within ``timeout``.
+            SigwireError: As :meth:`request`, possibly after some parts.
+        """
+        envelope = self._envelope(kind, payload, metadata, fields)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        call = await self._submit(envelope)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        reply = await call.next()
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"stream {kind!r} did not finish within {timeout:g}s"
+                    ) from None
+                if reply.final:
+                    if reply.data:
+                        yield reply
+                    return
+                yield reply
+        finally:
+            self.correlator.discard(call)
+
+    async def describe(self) -> AgentCard:
+        """The agent's card, verified against its DID (the one this peer talks to)."""
+        target = self.target or self.targets[0]
+        card = await self.registry.connector(target).describe(target, self.options)
+        self.verifier.verify_card(card, expected_did=self.server_did)
+        return card
+
+    async def health(self) -> Health:
+        """The agent's health status and the probe's round-trip time."""
+        target = self.target or self.targets[0]
+        return await self.registry.connector(target).health(target, self.options)
+
+    async def close(self) -> None:
+        """Close the stream; pending calls fail at once with ConnectionClosedError."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._ready.clear()
+        session = self._session
+        if session is not None:
+            await session.close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self.correlator.fail_all(ConnectionClosedError("the client closed the connection"))
+        if self._own_registry:
+            await self.registry.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _first(call: PendingCall, session: Session) -> Reply:
+    waiter = asyncio.ensure_future(call.next())
+    closed = asyncio.ensure_future(session.closed.wait())
+    try:
+        done, _ = await asyncio.wait((waiter, closed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closed.cancel()
+    if waiter not in done:
+        waiter.cancel()
+        raise session.error or ConnectionClosedError("the stream closed during the hello")
+    return waiter.result()
+
+
+class _Connecting:
+    """``await connect(...)`` or ``async with connect(...) as peer``."""
+
+    def __init__(self, peer: Peer) -> None:
+        self._peer = peer
+
+    def __await__(self) -> Generator[Any, None, Peer]:
+        return self._start().__await__()
+
+    async def _start(self) -> Peer:
+        try:
+            await self._peer.start()
+        except BaseException:
+            await self._peer.close()
+            raise
+        return self._peer
+
+    async def __aenter__(self) -> Peer:
+        return await self._start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._peer.close()
+
+
+def connect(url: str | Sequence[str], **options: Any) -> _Connecting:
+    """Connect to an agent.
+
+    Args:
+        url: One URL, or several in preference order (each is probed for
+            real, under ``connect_timeout``; the first that answers wins).
+        **options: See :class:`Peer`: ``identity``, ``expect_did`` (pin the
+            agent's DID), ``tls``, ``connect_timeout``, ``backoff``,
+            ``session``, ``trust``, ``limits``, ``registry``, ``keepalive``.
+
+    Returns:
+        An awaitable that is also an async context manager yielding a :class:`Peer`.
+
+    Raises:
+        NoTransportAvailableError: No URL could be reached.
+    """
+    urls = [url] if isinstance(url, str) else list(url)
+    return _Connecting(Peer(urls, **options))

@@ -1,0 +1,446 @@
+"""The inbound pipeline every transport shares, on servers and clients alike.
+
+Every inbound envelope passes, in order: validate -> recipient -> verify
+signature -> trust policy -> replay and idempotency check -> rate limit ->
+handler -> signed reply. (Trust comes before the nonce cache so that refused
+senders cannot fill it.) Rejections before the handler raise a
+:class:`~sigwire.errors.SigwireError`; the handler's own outcome, success or
+failure, becomes signed replies that are cached per ``(sender, id)`` so that a
+re-sent envelope is answered again without running the handler twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeAlias
+
+from sigwire.envelope import Envelope, Message, Reply, ReplyError, now_ms
+from sigwire.errors import (
+    HandlerError,
+    KindUnknownError,
+    MessageTooLargeError,
+    MisdirectedError,
+    RateLimitedError,
+    ReplayError,
+    ShuttingDownError,
+    SigwireError,
+)
+from sigwire.signing import Identity, ReplayGuard, Verifier
+
+__all__ = [
+    "HELLO_KIND",
+    "Dispatcher",
+    "Handler",
+    "HandlerResult",
+    "Handlers",
+    "Limits",
+    "ReplyCache",
+    "SessionHooks",
+    "TokenBuckets",
+]
+
+log = logging.getLogger("sigwire.server")
+
+HandlerResult: TypeAlias = bytes | str | None
+Handler: TypeAlias = Callable[[Message], Awaitable[HandlerResult] | AsyncIterator[HandlerResult]]
+
+# Reserved kind: the first envelope on a Connect stream, binding the stream to
+# its (verified) sender so that the other side can push to it by DID.
+HELLO_KIND = "sigwire.hello"
+RESERVED_PREFIX = "sigwire."
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits of one endpoint.
+
+    Attributes:
+        max_message_size: Largest serialized envelope accepted, in bytes.
+        rate: Sustained envelopes per second per sender; None disables the limit.
+        burst: Token bucket size per sender.
+        window: Unacknowledged messages in flight per stream and direction.
+        max_concurrent_streams: Concurrent gRPC streams per connection.
+        reply_cache_size: Answers remembered for idempotent retries.
+        reply_cache_ttl: How long they are remembered, in seconds.
+    """
+
+    max_message_size: int = 4 * 1024 * 1024
+    rate: float | None = 2000.0
+    burst: int = 4000
+    window: int = 256
+    max_concurrent_streams: int = 100
+    reply_cache_size: int = 50_000
+    reply_cache_ttl: float = 660.0
+
+
+class Handlers:
+    """Handlers registered by kind."""
+
+    def __init__(self) -> None:
+        self._by_kind: dict[str, tuple[Handler, bool]] = {}
+
+    def on(self, kind: str) -> Callable[[Handler], Handler]:
+        """Decorator registering ``handler`` for envelopes of ``kind``.
+
+        The handler is an ``async def`` returning reply data (bytes, str or
+        None), or an async generator whose items become streamed replies.
+        Raising a :class:`~sigwire.errors.SigwireError` (for instance
+        :class:`~sigwire.errors.ApplicationError`) answers with that error.
+        """
+        if not kind or kind.startswith(RESERVED_PREFIX):
+            raise ValueError(f"kind {kind!r} is empty or reserved (prefix {RESERVED_PREFIX!r})")
+
+        def register(handler: Handler) -> Handler:
+            if not (inspect.iscoroutinefunction(handler) or inspect.isasyncgenfunction(handler)):
+                raise TypeError("a handler must be an async function or async generator")
+            self._by_kind[kind] = (handler, inspect.isasyncgenfunction(handler))
+            return handler
+
+        return register
+
+    def get(self, kind: str) -> tuple[Handler, bool]:
+        """The handler of ``kind`` and whether it streams.
+
+        Raises:
+            KindUnknownError: None is registered.
+        """
+        try:
+            return self._by_kind[kind]
+        except KeyError:
+            raise KindUnknownError(
+                f"no handler for kind {kind!r}", details={"kind": kind}
+            ) from None
+
+    def kinds(self) -> tuple[str, ...]:
+        """Registered kinds, sorted."""
+        return tuple(sorted(self._by_kind))
+
+
+class TokenBuckets:
+    """A token bucket per sender, for a bounded number of senders (LRU)."""
+
+    def __init__(self, rate: float, burst: int, *, max_senders: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._max = max_senders
+        self._buckets: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
+
+    def take(self, sender: str) -> None:
+        """Spend one token of ``sender``'s bucket.
+
+        Raises:
+            RateLimitedError: The bucket is empty; ``retry_after`` says when a token frees.
+        """
+        now = time.monotonic()
+        bucket = self._buckets.get(sender)
+        if bucket is None:
+            bucket = self._buckets[sender] = [float(self.burst), now]
+            if len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(sender)
+            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] < 1.0:
+            raise RateLimitedError(
+                f"rate limit of {self.rate:g}/s exceeded", retry_after=(1.0 - bucket[0]) / self.rate
+            )
+        bucket[0] -= 1.0
+
+
+class _Answer:
+    """The answer to one (sender, id): filled by one handler task, read by any number."""
+
+    __slots__ = ("changed", "done", "expires", "replies")
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.done = False
+        self.expires = 0.0
+        self.changed = asyncio.Event()
+
+    def add(self, reply: Reply) -> None:
+        self.replies.append(reply)
+        self._wake()
+
+    def close(self) -> None:
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # A fresh Event per change: readers wait on the one they saw, so none
+        # misses a change and none needs clearing.
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    async def follow(self) -> AsyncIterator[Reply]:
+        index = 0
+        while True:
+            changed = self.changed
+            while index < len(self.replies):
+                yield self.replies[index]
+                index += 1
+            if self.done:
+                return
+            await changed.wait()
+
+
+class ReplyCache:
+    """Signed answers per ``(sender, id)``, bounded in size and age.
+
+    An entry exists from the moment a handler starts, so a duplicate that
+    arrives while the handler still runs follows the same answer instead of
+    running it again; an answer still being computed is never evicted.
+    """
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._entries: collections.OrderedDict[tuple[str, str], _Answer] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[str, str]) -> _Answer | None:
+        """The live entry of ``key``, if any."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.done and entry.expires < time.monotonic():
+            del self._entries[key]
+            return None
+        return entry
+
+    def begin(self, key: tuple[str, str]) -> _Answer:
+        """Create the in-progress entry of ``key``."""
+        entry = _Answer()
+        self._entries[key] = entry
+        self._evict()
+        return entry
+
+    def finish(self, entry: _Answer) -> None:
+        """Mark an entry complete; it expires ``ttl`` seconds from now."""
+        entry.expires = time.monotonic() + self.ttl
+        entry.close()
+
+    def abandon(self, key: tuple[str, str], entry: _Answer) -> None:
+        """Drop an entry whose handler never finished (cancelled at shutdown)."""
+        if self._entries.get(key) is entry:
+            del self._entries[key]
+        entry.close()
+
+    def _evict(self) -> None:
+        # Oldest first; answers still being computed are never forgotten.
+        now = time.monotonic()
+        over = len(self._entries) - self.size
+        doomed: list[tuple[str, str]] = []
+        for key, entry in self._entries.items():
+            if not entry.done:
+                if len(doomed) < over:
+                    continue
+                break
+            if len(doomed) < over or entry.expires < now:
+                doomed.append(key)
+            else:
+                break
+        for key in doomed:
+            del self._entries[key]
+
+
+class SessionHooks(Protocol):
+    """What a stream session lets the dispatcher do (bind it to a DID)."""
+
+    def bind(self, did: str) -> None:
+        """Record that the stream's peer is ``did`` (verified by its hello)."""
+
+
+class Dispatcher:
+    """Runs the inbound pipeline for one endpoint (server or client).
+
+    Args:
+        identity: Who signs the replies.
+        handlers: Handlers by kind.
+        verifier: Signature and trust checks.
+        guard: Replay window and nonce cache.
+        limits: Size and rate limits, reply cache bounds.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        handlers: Handlers,
+        *,
+        verifier: Verifier | None = None,
+        guard: ReplayGuard | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.identity = identity
+        self.handlers = handlers
+        self.verifier = verifier or Verifier()
+        self.guard = guard or ReplayGuard()
+        self.limits = limits or Limits()
+        self.cache = ReplyCache(self.limits.reply_cache_size, self.limits.reply_cache_ttl)
+        self.buckets = (
+            TokenBuckets(self.limits.rate, self.limits.burst) if self.limits.rate else None
+        )
+        self.accepting = True
+        self._running: set[asyncio.Task[None]] = set()
+        self.handled = 0
+
+    def admit(self, envelope: Envelope) -> bool:
+        """Run every check before the handler.
+
+        Returns:
+            True if the envelope is fresh, False if it is an exact re-send.
+
+        Raises:
+            SigwireError: The specific rejection (malformed, signature, replay,
+                trust, rate limit, unknown kind, shutting down).
+        """
+        envelope.validate()
+        if len(envelope.payload) > self.limits.max_message_size:
+            raise MessageTooLargeError(len(envelope.payload), self.limits.max_message_size)
+        if envelope.recipient and envelope.recipient != self.identity.did:
+            raise MisdirectedError(
+                "the envelope is addressed to another agent",
+                details={"recipient": envelope.recipient},
+            )
+        self.verifier.authenticate(envelope)
+        # Trust before the nonce cache: senders we refuse cannot fill it.
+        if envelope.signature is not None or self.verifier.require_signatures:
+            self.verifier.admit(envelope.sender)
+        return self.guard.check_and_mark(envelope)
+
+    async def dispatch(
+        self, envelope: Envelope, session: SessionHooks | None = None
+    ) -> AsyncIterator[Reply]:
+        """Run the whole pipeline on one envelope and yield its signed replies.
+
+        Raises:
+            SigwireError: A rejection before the handler (see :meth:`admit`).
+        """
+        fresh = self.admit(envelope)
+        if envelope.kind == HELLO_KIND:
+            if session is not None:
+                session.bind(envelope.sender)
+            yield self.reply(envelope, b"")
+            return
+        key = (envelope.sender, envelope.id)
+        entry = self.cache.get(key)
+        if entry is None:
+            if not fresh:
+                raise ReplayError("a re-sent envelope whose answer is no longer cached")
+            try:
+                if not self.accepting:
+                    raise ShuttingDownError("the agent is shutting down")
+                if self.buckets is not None:
+                    self.buckets.take(envelope.sender)
+                handler, streams = self.handlers.get(envelope.kind)
+            except SigwireError:
+                # The handler never ran: the same envelope may be re-sent later.
+                self.guard.release(envelope)
+                raise
+            entry = self.cache.begin(key)
+            # The handler runs in its own task, not the caller's: if the
+            # connection drops mid-way, it still finishes and its answer is
+            # cached for the re-sent envelope.
+            task = asyncio.create_task(self._produce(key, entry, envelope, handler, streams))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        async for reply in entry.follow():
+            yield reply
+        if not entry.replies or not entry.replies[-1].final:
+            raise ShuttingDownError("the handler was cancelled before it answered")
+
+    async def _produce(
+        self,
+        key: tuple[str, str],
+        entry: _Answer,
+        envelope: Envelope,
+        handler: Handler,
+        streams: bool,
+    ) -> None:
+        message = Message(envelope)
+        sequence = 0
+        try:
+            try:
+                if streams:
+                    async for item in handler(message):  # type: ignore[union-attr]
+                        entry.add(self.reply(envelope, item, sequence=sequence, final=False))
+                        sequence += 1
+                    entry.add(self.reply(envelope, b"", sequence=sequence))
+                else:
+                    result = await handler(message)  # type: ignore[misc]
+                    entry.add(self.reply(envelope, result))
+            except SigwireError as exc:
+                entry.add(self.error_reply(envelope, exc, sequence=sequence))
+            except Exception:
+                entry.add(self.error_reply(envelope, _crashed(envelope), sequence=sequence))
+        except BaseException:
+            self.cache.abandon(key, entry)
+            raise
+        self.handled += 1
+        self.cache.finish(entry)
+
+    def reply(
+        self, envelope: Envelope, result: HandlerResult, *, sequence: int = 0, final: bool = True
+    ) -> Reply:
+        """A signed successful reply to ``envelope``."""
+        content_type = ""
+        if result is None:
+            data = b""
+        elif isinstance(result, str):
+            data, content_type = result.encode(), "text/plain; charset=utf-8"
+        elif isinstance(result, bytes | bytearray | memoryview):
+            data = bytes(result)
+        else:
+            raise TypeError(f"a handler returns bytes, str or None, not {type(result).__name__}")
+        return self.identity.sign_reply(
+            Reply(
+                request_id=envelope.id,
+                request_digest=envelope.digest(),
+                responder=self.identity.did,
+                data=data,
+                content_type=content_type,
+                created_at_ms=now_ms(),
+                sequence=sequence,
+                final=final,
+            )
+        )
+
+    def error_reply(self, envelope: Envelope, exc: SigwireError, *, sequence: int = 0) -> Reply:
+        """A signed failed (and final) reply to ``envelope``."""
+        return self.identity.sign_reply(
+            Reply(
+                request_id=envelope.id,
+                request_digest=envelope.digest(),
+                responder=self.identity.did,
+                success=False,
+                error=ReplyError(reason=exc.reason, message=exc.message, details=exc.details),
+                created_at_ms=now_ms(),
+                sequence=sequence,
+                final=True,
+            )
+        )
+
+    def running(self) -> tuple[asyncio.Task[None], ...]:
+        """Tasks currently inside a handler."""
+        return tuple(self._running)
+
+
+def _crashed(envelope: Envelope) -> HandlerError:
+    error_id = uuid.uuid4().hex[:12]
+    # The traceback goes to the log only, under an id the peer also receives.
+    log.exception(
+        "handler for kind %r failed on envelope %s from %s [error_id=%s]",
+        envelope.kind,
+        envelope.id,
+        envelope.sender,
+        error_id,
+    )
+    return HandlerError(error_id)

@@ -1,0 +1,386 @@
+"""One Connect stream, seen from either end; shared by every transport.
+
+A session reads Frames from a :class:`~sigwire.transports.base.FrameStream`,
+hands inbound envelopes to the :class:`~sigwire.dispatch.Dispatcher` and
+inbound replies to its owner, and writes envelopes, replies, acks and
+heartbeats through ONE writer task that batches whatever is queued into as
+few frames as possible (no added latency when idle: a lone message goes out
+at once).
+
+Flow control: each side may have at most ``window`` envelopes sent but not
+yet acknowledged; senders wait for acks beyond that, and a receiver runs at
+most ``window`` envelopes at once (it stops reading beyond that), so memory
+stays bounded whatever the peer does. Heartbeats: a Ping goes out after
+``heartbeat`` seconds of silence, and a peer silent for ``heartbeat_timeout``
+seconds is declared dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from sigwire import _proto
+from sigwire._proto import pb
+from sigwire.dispatch import Dispatcher
+from sigwire.envelope import Envelope, Reply
+from sigwire.errors import ConnectionClosedError, EnvelopeError, SigwireError
+from sigwire.transports.base import FrameStream
+
+__all__ = ["GoAwayInfo", "Session", "SessionOptions"]
+
+log = logging.getLogger("sigwire.session")
+
+_BATCH_MESSAGES: Final = 128
+_BATCH_BYTES: Final = 256 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """Tuning of one stream.
+
+    Attributes:
+        window: Envelopes and replies in flight unacknowledged, per direction.
+        heartbeat: Seconds of silence before sending a Ping.
+        heartbeat_timeout: Seconds of silence after which the peer is dead.
+    """
+
+    window: int = 256
+    heartbeat: float = 10.0
+    heartbeat_timeout: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GoAwayInfo:
+    """What the peer said when it announced it was going away."""
+
+    reason: str
+    message: str
+    grace_ms: int
+
+
+class _Credit:
+    """A counting window that wakes every waiter when closed."""
+
+    def __init__(self, size: int) -> None:
+        self.available = size
+        self.closed: SigwireError | None = None
+        self._changed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while self.available <= 0:
+            if self.closed is not None:
+                raise self.closed
+            changed = self._changed
+            await changed.wait()
+        if self.closed is not None:
+            raise self.closed
+        self.available -= 1
+
+    def release(self, count: int) -> None:
+        self.available += count
+        self._wake()
+
+    def close(self, error: SigwireError) -> None:
+        self.closed = error
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
+_CLOSE: Final = object()
+_ACK: Final = object()
+
+
+class Session:
+    """One bidirectional stream of Frames.
+
+    Args:
+        stream: The transport's stream.
+        dispatcher: Runs inbound envelopes (requests or pushes from the peer).
+        on_reply: Called with every inbound reply (the owner correlates them).
+        options: Window and heartbeat settings.
+        on_goaway: Called when the peer announces it is going away.
+        on_bind: Called once when the peer's hello binds the session to its DID.
+        on_closed: Called once when the session has ended.
+        name: For log lines.
+    """
+
+    def __init__(
+        self,
+        stream: FrameStream,
+        dispatcher: Dispatcher,
+        *,
+        on_reply: Callable[[Reply], None],
+        options: SessionOptions | None = None,
+        on_goaway: Callable[[GoAwayInfo], None] | None = None,
+        on_bind: Callable[[Session, str], None] | None = None,
+        on_closed: Callable[[Session], None] | None = None,
+        name: str = "session",
+    ) -> None:
+        self.stream = stream
+        self.dispatcher = dispatcher
+        self.options = options or SessionOptions()
+        self.name = name
+        self.peer_did: str | None = None
+        self.goaway: GoAwayInfo | None = None
+        self.error: SigwireError | None = None
+        self.closed = asyncio.Event()
+        self.bound = asyncio.Event()
+        self._on_reply = on_reply
+        self._on_goaway = on_goaway
+        self._on_bind = on_bind
+        self._on_closed = on_closed
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._credit = _Credit(self.options.window)
+        self._inbound = asyncio.Semaphore(self.options.window)
+        self._sent = 0
+        # (frame sequence, envelopes in it) of frames the peer has not acked.
+        self._unacked: collections.deque[tuple[int, int]] = collections.deque()
+        self._received = 0
+        self._acked = 0
+        self._ack_queued = False
+        self._last_heard = time.monotonic()
+        self._ping_token = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- owner API ---------------------------------------------------------
+
+    def bind(self, did: str) -> None:
+        """Record the peer's verified DID (from its hello)."""
+        if self.peer_did is not None:
+            return
+        self.peer_did = did
+        self.bound.set()
+        if self._on_bind is not None:
+            self._on_bind(self, did)
+
+    async def send_envelope(self, envelope: Envelope) -> None:
+        """Queue a signed envelope, waiting for window space.
+
+        Raises:
+            ConnectionClosedError: The session is closed.
+        """
+        await self._credit.acquire()
+        self._queue.put_nowait(envelope)
+
+    async def send_reply(self, reply: Reply) -> None:
+        """Queue a signed reply.
+
+        Replies take no window credit: they answer envelopes that already did,
+        and a reader blocked on credit for its replies could deadlock two
+        peers that both request heavily.
+        """
+        if self._closing:
+            raise self._credit.closed or ConnectionClosedError(f"{self.name} closed")
+        self._queue.put_nowait(reply)
+
+    def send_goaway(self, reason: str, message: str, grace_ms: int) -> None:
+        """Tell the peer to send nothing new on this stream."""
+        frame = pb.Frame(goaway=pb.GoAway(reason=reason, message=message, grace_ms=grace_ms))
+        self._queue.put_nowait(frame)
+
+    async def close(self, error: SigwireError | None = None) -> None:
+        """Flush what is queued, close the stream, and wait until closed."""
+        self._begin_close(error)
+        await self.closed.wait()
+
+    @property
+    def is_open(self) -> bool:
+        """Whether new work may be sent on this session."""
+        return not self._closing and self.goaway is None
+
+    # -- running -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until the stream ends; never raises (see :attr:`error`)."""
+        writer = asyncio.create_task(self._writer(), name=f"{self.name}-writer")
+        beat = asyncio.create_task(self._heartbeat(), name=f"{self.name}-heartbeat")
+        try:
+            await self._reader()
+        finally:
+            self._begin_close(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            beat.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(beat, *self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.stream.close()
+            self.closed.set()
+            if self._on_closed is not None:
+                self._on_closed(self)
+
+    def _begin_close(self, error: SigwireError | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if error is not None and self.error is None:
+            self.error = error
+        self._credit.close(self.error or ConnectionClosedError(f"{self.name} closed"))
+        self._queue.put_nowait(_CLOSE)
+
+    async def _reader(self) -> None:
+        stream = self.stream
+        try:
+            while not self._closing:
+                data = await stream.recv()
+                if data is None:
+                    break
+                self._last_heard = time.monotonic()
+                frame = pb.Frame()
+                try:
+                    frame.ParseFromString(data)
+                except Exception:
+                    raise EnvelopeError("undecodable frame") from None
+                await self._take(frame)
+        except SigwireError as exc:
+            self._begin_close(exc)
+        except Exception as exc:
+            log.debug("%s: stream failed: %r", self.name, exc)
+            self._begin_close(ConnectionClosedError(f"{self.name}: stream failed"))
+
+    async def _take(self, frame: pb.Frame) -> None:
+        body = frame.WhichOneof("body")
+        if body == "envelopes":
+            for msg in frame.envelopes.envelopes:
+                await self._inbound.acquire()
+                task = asyncio.create_task(self._serve(_proto.envelope_from_pb(msg)))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        elif body == "replies":
+            for reply in frame.replies.replies:
+                self._on_reply(_proto.reply_from_pb(reply))
+        elif body == "ack":
+            unacked = self._unacked
+            released = 0
+            while unacked and unacked[0][0] <= frame.ack.sequence:
+                released += unacked.popleft()[1]
+            if released:
+                self._credit.release(released)
+        elif body == "ping":
+            self._queue.put_nowait(pb.Frame(pong=pb.Pong(token=frame.ping.token)))
+        elif body == "goaway":
+            info = GoAwayInfo(frame.goaway.reason, frame.goaway.message, frame.goaway.grace_ms)
+            self.goaway = info
+            if self._on_goaway is not None:
+                self._on_goaway(info)
+        if frame.sequence > self._received:
+            self._received = frame.sequence
+            if not self._ack_queued:
+                self._ack_queued = True
+                self._queue.put_nowait(_ACK)
+
+    async def _serve(self, envelope: Envelope) -> None:
+        try:
+            try:
+                async for reply in self.dispatcher.dispatch(envelope, self):
+                    await self.send_reply(reply)
+            except ConnectionClosedError:
+                if self._closing:
+                    return
+                raise
+            except SigwireError as exc:
+                await self.send_reply(self.dispatcher.error_reply(envelope, exc))
+        except ConnectionClosedError:
+            pass
+        except Exception:
+            log.exception("%s: failed to answer envelope %s", self.name, envelope.id)
+        finally:
+            self._inbound.release()
+
+    async def _writer(self) -> None:
+        queue = self._queue
+        try:
+            while True:
+                item = await queue.get()
+                batch = [item]
+                size = 0
+                while not queue.empty() and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
+                    nxt = queue.get_nowait()
+                    batch.append(nxt)
+                    if isinstance(nxt, Envelope):
+                        size += len(nxt.payload)
+                    elif isinstance(nxt, Reply):
+                        size += len(nxt.data)
+                stop = await self._flush(batch)
+                if stop:
+                    return
+        except Exception as exc:
+            log.debug("%s: write failed: %r", self.name, exc)
+            self._begin_close(ConnectionClosedError(f"{self.name}: write failed"))
+            # The reader may be blocked in recv(); closing the stream ends it.
+            with contextlib.suppress(Exception):
+                await self.stream.close()
+
+    async def _flush(self, batch: list[object]) -> bool:
+        send = self.stream.send
+        envelopes: list[pb.Envelope] = []
+        replies: list[pb.Reply] = []
+        stop = False
+
+        async def flush_messages() -> None:
+            if envelopes:
+                self._sent += len(envelopes)
+                frame = pb.Frame(
+                    sequence=self._sent, envelopes=pb.EnvelopeBatch(envelopes=envelopes)
+                )
+                envelopes.clear()
+                await send(frame.SerializeToString())
+            if replies:
+                self._sent += len(replies)
+                frame = pb.Frame(sequence=self._sent, replies=pb.ReplyBatch(replies=replies))
+                replies.clear()
+                await send(frame.SerializeToString())
+
+        for item in batch:
+            if isinstance(item, Envelope):
+                if replies:
+                    await flush_messages()
+                envelopes.append(_proto.envelope_to_pb(item))
+            elif isinstance(item, Reply):
+                if envelopes:
+                    await flush_messages()
+                replies.append(_proto.reply_to_pb(item))
+            elif item is _ACK:
+                continue
+            elif item is _CLOSE:
+                stop = True
+            elif isinstance(item, pb.Frame):
+                await flush_messages()
+                await send(item.SerializeToString())
+        await flush_messages()
+        # Acks ride at the end of every flush: cumulative, so one suffices.
+        if self._ack_queued or self._received > self._acked:
+            self._ack_queued = False
+            if self._received > self._acked:
+                self._acked = self._received
+                await send(pb.Frame(ack=pb.Ack(sequence=self._acked)).SerializeToString())
+        return stop
+
+    async def _heartbeat(self) -> None:
+        interval = self.options.heartbeat
+        timeout = self.options.heartbeat_timeout
+        while not self._closing:
+            await asyncio.sleep(min(interval, timeout) / 2)
+            silent = time.monotonic() - self._last_heard
+            if silent >= timeout:
+                log.info("%s: peer silent for %.1fs; closing", self.name, silent)
+                self._begin_close(ConnectionClosedError("heartbeat timeout: the peer went silent"))
+                # A black-holed peer leaves recv() blocked; closing the stream ends it.
+                with contextlib.suppress(Exception):
+                    await self.stream.close()
+                return
+            if silent >= interval:
+                self._ping_token += 1
+                self._queue.put_nowait(pb.Frame(ping=pb.Ping(token=self._ping_token)))

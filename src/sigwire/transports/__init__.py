@@ -1,0 +1,1 @@
+"""Transports: each in its own package behind the Protocols of :mod:`.base`."""

@@ -1,0 +1,213 @@
+"""The grpc.aio client side: pooled channels, a real readiness probe, streams.
+
+``open()`` proves reachability before returning: it waits for the channel to
+become READY (TCP + TLS + HTTP/2 settings exchanged) within the connect
+timeout, so an endpoint that refuses, black-holes, or speaks only HTTP/1.1
+fails fast with :class:`~sigwire.errors.ConnectError` and a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sigwire import _proto
+from sigwire.envelope import AgentCard
+from sigwire.errors import ConnectError, ConnectionClosedError
+from sigwire.targets import Target
+from sigwire.transports.base import ClientOptions, Health, TlsClientConfig
+from sigwire.transports.grpc.errors import error_from_rpc
+from sigwire.transports.grpc.server import SERVICE_NAME, grpc_options
+
+__all__ = ["GrpcConnector"]
+
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
+_CONNECT = f"/{SERVICE_NAME}/Connect"
+_DESCRIBE = f"/{SERVICE_NAME}/Describe"
+
+
+_Key = tuple[object, ...]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+@dataclasses.dataclass(slots=True)
+class _Pooled:
+    channel: grpc.aio.Channel
+    users: int = 0
+
+
+class _ClientStream:
+    """A Connect call as a FrameStream."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes], url: str, release: object):
+        self._call = call
+        self._url = url
+        self._release = release
+        self._closed = False
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._call.write(data)
+        except grpc.aio.AioRpcError as exc:
+            raise ConnectionClosedError(str(error_from_rpc(exc, url=self._url))) from None
+        except Exception as exc:
+            raise ConnectionClosedError(f"{self._url}: stream closed ({exc!r})") from None
+
+    async def recv(self) -> bytes | None:
+        try:
+            data = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            err = error_from_rpc(exc, url=self._url)
+            if isinstance(err, ConnectionClosedError):
+                raise err from None
+            raise ConnectionClosedError(str(err), reason=err.reason) from None
+        except Exception as exc:
+            raise ConnectionClosedError(f"{self._url}: stream closed ({exc!r})") from None
+        if data is _EOF:
+            return None
+        assert isinstance(data, bytes)
+        return data
+
+    async def close(self, reason: str = "", message: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._call.cancel()
+        release = self._release
+        assert callable(release)
+        await release()
+
+
+class GrpcConnector:
+    """Opens Connect streams over pooled grpc.aio channels.
+
+    One channel per (scheme, endpoint, TLS settings) is shared by every stream
+    to that endpoint and closed when its last user is done.
+    """
+
+    def __init__(self) -> None:
+        self._pool: dict[_Key, _Pooled] = {}
+
+    def _key(self, target: Target, options: ClientOptions) -> _Key:
+        return (target.scheme, target.authority, target.path, options.tls, options.max_message_size)
+
+    def _acquire(self, target: Target, options: ClientOptions) -> tuple[_Key, _Pooled]:
+        key = self._key(target, options)
+        pooled = self._pool.get(key)
+        if pooled is None:
+            pooled = self._pool[key] = _Pooled(self._new_channel(target, options))
+        pooled.users += 1
+        return key, pooled
+
+    async def _release(self, key: _Key, pooled: _Pooled) -> None:
+        pooled.users -= 1
+        if pooled.users <= 0 and self._pool.get(key) is pooled:
+            del self._pool[key]
+            with contextlib.suppress(Exception):
+                await pooled.channel.close(grace=None)
+
+    @staticmethod
+    def _new_channel(target: Target, options: ClientOptions) -> grpc.aio.Channel:
+        channel_options: list[tuple[str, int | str]] = [
+            *grpc_options(options.max_message_size, options.keepalive),
+            # sigwire's own backoff paces reconnection; keep grpc's short.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.enable_retries", 0),
+        ]
+        if target.scheme == "unix":
+            return grpc.aio.insecure_channel(f"unix:{target.path}", options=channel_options)
+        if not target.tls:
+            return grpc.aio.insecure_channel(target.authority, options=channel_options)
+        tls = options.tls or TlsClientConfig()
+        if tls.server_name:
+            channel_options.append(("grpc.ssl_target_name_override", tls.server_name))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(tls.ca_file).read_bytes() if tls.ca_file else None,
+            private_key=Path(tls.key_file).read_bytes() if tls.key_file else None,
+            certificate_chain=Path(tls.cert_file).read_bytes() if tls.cert_file else None,
+        )
+        return grpc.aio.secure_channel(target.authority, credentials, options=channel_options)
+
+    async def _ready(self, channel: grpc.aio.Channel, target: Target, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await channel.channel_ready()
+        except TimeoutError:
+            state = channel.get_state(try_to_connect=False)
+            raise ConnectError(
+                f"{target.url}: not ready within {timeout:g}s (channel {state.name}; "
+                "refused, unreachable, not HTTP/2, or TLS failed)",
+                details={"url": target.url, "state": state.name},
+            ) from None
+
+    async def open(self, target: Target, options: ClientOptions) -> _ClientStream:
+        """Probe ``target`` and open a Connect stream on a pooled channel."""
+        key, pooled = self._acquire(target, options)
+        try:
+            await self._ready(pooled.channel, target, options.connect_timeout)
+            call = pooled.channel.stream_stream(
+                _CONNECT, request_serializer=_identity, response_deserializer=_identity
+            )(None)
+        except BaseException:
+            await self._release(key, pooled)
+            raise
+
+        async def release() -> None:
+            await self._release(key, pooled)
+
+        return _ClientStream(call, target.url, release)
+
+    async def health(self, target: Target, options: ClientOptions) -> Health:
+        """Call grpc.health.v1 Check and time it."""
+        key, pooled = self._acquire(target, options)
+        try:
+            await self._ready(pooled.channel, target, options.connect_timeout)
+            stub = health_pb2_grpc.HealthStub(pooled.channel)
+            started = time.perf_counter()
+            try:
+                response = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=options.connect_timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc, url=target.url) from None
+            latency = time.perf_counter() - started
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            return Health(status=status, latency=latency)
+        finally:
+            await self._release(key, pooled)
+
+    async def describe(self, target: Target, options: ClientOptions) -> AgentCard:
+        """Fetch the agent's signed card (not yet verified)."""
+        key, pooled = self._acquire(target, options)
+        try:
+            await self._ready(pooled.channel, target, options.connect_timeout)
+            method = pooled.channel.unary_unary(
+                _DESCRIBE, request_serializer=_identity, response_deserializer=_identity
+            )
+            try:
+                data = await method(b"", timeout=options.connect_timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc, url=target.url) from None
+            assert isinstance(data, bytes)
+            return _proto.decode_card(data)
+        finally:
+            await self._release(key, pooled)
+
+    async def aclose(self) -> None:
+        """Close every pooled channel."""
+        pool, self._pool = self._pool, {}
+        for pooled in pool.values():
+            with contextlib.suppress(Exception):
+                await pooled.channel.close(grace=None)
