@@ -1,4 +1,4 @@
-"""The ``sigwire`` command line.
+"""The ``sigwire`` command line (argparse: the stdlib parser is enough here).
 
 Commands that need an identity take ``--key FILE`` and default to the per-user
 key (:func:`sigwire.keyfile.default_key_path`), created on first use.
@@ -7,15 +7,27 @@ key (:func:`sigwire.keyfile.default_key_path`), created on first use.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib
+import json
+import logging
+import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from sigwire.client import connect
+from sigwire.dispatch import Limits
 from sigwire.errors import SigwireError
-from sigwire.keyfile import default_key_path
+from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.signing import Identity
+from sigwire.transports.base import TlsClientConfig
 
 __all__ = ["build_parser", "main"]
+
+log = logging.getLogger("sigwire.cli")
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -27,17 +39,170 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _did(args: argparse.Namespace) -> int:
-    print(Identity.load(args.file).did)
+    print(Identity.load(args.file or default_key_path()).did)
     return 0
 
 
+def _identity(args: argparse.Namespace) -> Identity:
+    return load_or_create_identity(args.key)
+
+
+def _load_app(spec: str) -> Callable[[Any], None]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"sigwire: error: --app takes module:attr, not {spec!r}")
+    target: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise SystemExit(f"sigwire: error: {spec} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from sigwire.demo import add_builtin_handlers
+    from sigwire.server import Server
+    from sigwire.transports.grpc.server import TlsServerConfig
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("sigwire: error: --tls-cert and --tls-key go together")
+    tls = TlsServerConfig(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    server = Server(
+        _identity(args),
+        grpc=args.grpc,
+        name=args.name,
+        trust=load_allow_list(args.trust) if args.trust else None,
+        limits=Limits(max_message_size=args.max_message_size),
+        tls=tls,
+    )
+    if args.app:
+        _load_app(args.app)(server)
+    else:
+        add_builtin_handlers(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    print(f"sigwire agent {server.identity.did}", flush=True)
+    for url in server.urls:
+        print(f"listening on {url}", flush=True)
+    await stop.wait()
+    print(f"draining (grace {args.grace:g}s)", file=sys.stderr, flush=True)
+    await server.stop(grace=args.grace)
+    return 0
+
+
+def _tls(args: argparse.Namespace) -> TlsClientConfig | None:
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return TlsClientConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+
+
+async def _send(args: argparse.Namespace) -> int:
+    if args.file == "-":
+        data = sys.stdin.buffer.read()
+    elif args.file is not None:
+        data = await asyncio.to_thread(Path(args.file).read_bytes)
+    else:
+        data = (args.data or "").encode()
+    async with connect(
+        args.url,
+        identity=_identity(args),
+        expect_did=args.expect_did,
+        tls=_tls(args),
+        connect_timeout=args.connect_timeout,
+    ) as peer:
+        out = sys.stdout.buffer
+        if args.stream:
+            async for part in peer.stream(args.kind, data, timeout=args.timeout):
+                out.write(part.data + b"\n")
+                out.flush()
+        else:
+            reply = await peer.request(args.kind, data, timeout=args.timeout)
+            out.write(reply.data)
+            if reply.data and not reply.data.endswith(b"\n") and out.isatty():
+                out.write(b"\n")
+            out.flush()
+    return 0
+
+
+async def _ping(args: argparse.Namespace) -> int:
+    from sigwire.transports.base import ClientOptions
+    from sigwire.transports.registry import default_registry
+
+    registry = default_registry()
+    target = registry.parse(args.url)
+    options = ClientOptions(
+        identity=Identity.generate(), tls=_tls(args), connect_timeout=args.connect_timeout
+    )
+    connector = registry.connector(target)
+    try:
+        started = time.perf_counter()
+        samples = [await connector.health(target, options) for _ in range(args.count)]
+        total = time.perf_counter() - started
+    finally:
+        await registry.aclose()
+    rtts = sorted(h.latency * 1000 for h in samples)
+    print(
+        f"{args.url}: {samples[-1].status}  rtt min {rtts[0]:.2f} ms  "
+        f"median {rtts[len(rtts) // 2]:.2f} ms  max {rtts[-1]:.2f} ms  "
+        f"({args.count} probes in {total * 1000:.0f} ms)"
+    )
+    return 0 if samples[-1].status == "SERVING" else 2
+
+
+async def _describe(args: argparse.Namespace) -> int:
+    async with connect(
+        args.url,
+        identity=Identity.generate(),
+        expect_did=args.expect_did,
+        tls=_tls(args),
+        connect_timeout=args.connect_timeout,
+    ) as peer:
+        card = await peer.describe()
+    print(
+        json.dumps(
+            {
+                "did": card.did,
+                "name": card.name,
+                "endpoints": list(card.endpoints),
+                "kinds": list(card.kinds),
+                "max_message_size": card.max_message_size,
+                "protocol_version": card.protocol_version,
+                "created_at_ms": card.created_at_ms,
+                "signature": "verified",
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from sigwire.demo import run_demo
+
+    await run_demo()
+    return 0
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--expect-did", help="refuse the agent unless it is this DID")
+    parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--tls-ca", help="PEM CA to verify a grpcs:// server with")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``sigwire`` command (argparse: stdlib is enough)."""
+    """The argument parser of the ``sigwire`` command."""
     parser = argparse.ArgumentParser(
         prog="sigwire",
-        description="Signed agent-to-agent messaging over gRPC, with a WebSocket fallback.",
+        description="Signed agent-to-agent messaging over gRPC.",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    key_help = "private key file (default: the per-user key, created on first use)"
 
     keygen = commands.add_parser("keygen", help="create an Ed25519 identity and print its DID")
     keygen.add_argument("--out", type=Path, required=True, help="key file to write (mode 0600)")
@@ -45,19 +210,72 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(run=_keygen)
 
     did = commands.add_parser("did", help="print the did:key of a key file")
-    did.add_argument("file", type=Path, nargs="?", default=None, help="key file")
+    did.add_argument("file", type=Path, nargs="?", help=key_help)
     did.set_defaults(run=_did)
+
+    serve = commands.add_parser("serve", help="run an agent server until SIGTERM/SIGINT")
+    serve.add_argument("--key", type=Path, help=key_help)
+    serve.add_argument(
+        "--grpc", default="127.0.0.1:50051", metavar="HOST:PORT", help="default 127.0.0.1:50051"
+    )
+    serve.add_argument("--name", default="", help="name published in the agent card")
+    serve.add_argument("--trust", type=Path, help="allow-list: one did:key per line")
+    serve.add_argument("--tls-cert", help="PEM certificate: serve grpcs://")
+    serve.add_argument("--tls-key", help="PEM key of --tls-cert")
+    serve.add_argument("--tls-ca", help="PEM CA: require client certificates (mTLS)")
+    serve.add_argument(
+        "--max-message-size", type=int, default=Limits().max_message_size, metavar="BYTES"
+    )
+    serve.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="callable taking the Server and registering handlers (default: echo, count)",
+    )
+    serve.add_argument("--grace", type=float, default=10.0, help="drain time on shutdown")
+    serve.set_defaults(run=_serve)
+
+    send = commands.add_parser("send", help="send a signed request and print the reply data")
+    send.add_argument("url")
+    send.add_argument("kind")
+    body = send.add_mutually_exclusive_group()
+    body.add_argument("--data", help="payload text")
+    body.add_argument("--file", help="payload file ('-' for stdin)")
+    send.add_argument("--key", type=Path, help=key_help)
+    send.add_argument("--stream", action="store_true", help="print streamed replies, one a line")
+    send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    _client_flags(send)
+    send.set_defaults(run=_send)
+
+    ping = commands.add_parser("ping", help="print health and round-trip latency")
+    ping.add_argument("url")
+    ping.add_argument("--count", type=int, default=5)
+    _client_flags(ping)
+    ping.set_defaults(run=_ping)
+
+    describe = commands.add_parser("describe", help="print the agent's verified card")
+    describe.add_argument("url")
+    _client_flags(describe)
+    describe.set_defaults(run=_describe)
+
+    demo = commands.add_parser("demo", help="two agents on loopback: a signed conversation")
+    demo.set_defaults(run=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "file", "unset") is None:
-        args.file = default_key_path()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
-        status: int = args.run(args)
+        result = args.run(args)
+        status: int = asyncio.run(result) if asyncio.iscoroutine(result) else result
     except SigwireError as exc:
+        print(f"sigwire: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
         print(f"sigwire: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

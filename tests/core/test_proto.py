@@ -1,0 +1,267 @@
+"""Conversion between sigwire values and protobuf messages, and decoding hostile bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sigwire._proto import (
+    card_from_pb,
+    card_to_pb,
+    decode_card,
+    decode_envelope,
+    decode_reply,
+    envelope_from_pb,
+    envelope_to_pb,
+    pb,
+    reply_from_pb,
+    reply_to_pb,
+)
+from sigwire.envelope import AgentCard, Envelope, Reply, ReplyError
+from sigwire.errors import EnvelopeError
+from sigwire.signing import Identity, Verifier
+
+from .conftest import T0
+
+DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "envelope": decode_envelope,
+    "reply": decode_reply,
+    "card": decode_card,
+}
+
+
+@pytest.fixture
+def full_envelope(alice: Identity, bob: Identity) -> Envelope:
+    """A signed envelope with every field set to a non-default value."""
+    return alice.sign_envelope(
+        Envelope(
+            id="env-\u00fc",
+            kind="task.create",
+            sender=alice.did,
+            payload=bytes(range(256)),
+            recipient=bob.did,
+            context_id="ctx",
+            task_id="task",
+            role="user",
+            content_type="application/json",
+            metadata={"\u00e9": "nfc", "e\u0301": "nfd", "": "", "\U0001f600": "\u202e"},
+            created_at_ms=T0,
+            nonce=bytes(range(24)),
+        )
+    )
+
+
+@pytest.fixture
+def full_reply(bob: Identity, full_envelope: Envelope) -> Reply:
+    """A signed error reply with every field set to a non-default value."""
+    return bob.sign_reply(
+        Reply(
+            request_id=full_envelope.id,
+            request_digest=full_envelope.digest(),
+            responder=bob.did,
+            success=False,
+            data=b"\x00\x01partial",
+            content_type="text/plain",
+            error=ReplyError(reason="KIND_UNKNOWN", message="no handler", details={"k": "v"}),
+            created_at_ms=T0 + 1,
+            sequence=2**64 - 1,
+            final=False,
+        )
+    )
+
+
+@pytest.fixture
+def full_card(bob: Identity) -> AgentCard:
+    """A signed card with every field set to a non-default value."""
+    return bob.sign_card(
+        AgentCard(
+            did=bob.did,
+            name="b\u00f6b",
+            endpoints=("grpc://127.0.0.1:50051", "ws://127.0.0.1:8765/sigwire/v1"),
+            kinds=("echo", "count"),
+            max_message_size=4 * 1024 * 1024,
+            protocol_version="sigwire/1",
+            created_at_ms=T0,
+        )
+    )
+
+
+def test_envelope_round_trip(full_envelope: Envelope) -> None:
+    """An envelope survives to protobuf, bytes and back with every field and a valid signature."""
+    data = envelope_to_pb(full_envelope).SerializeToString()
+    again = decode_envelope(data)
+    assert again == full_envelope
+    assert envelope_from_pb(envelope_to_pb(full_envelope)) == full_envelope
+    again.validate()
+    Verifier().verify_envelope(again)
+
+
+def test_unsigned_envelope_round_trip(full_envelope: Envelope) -> None:
+    """An unsigned envelope decodes with signature None, not an empty signature."""
+    unsigned = Envelope(id="1", kind="k", sender=full_envelope.sender, nonce=bytes(16))
+    again = decode_envelope(envelope_to_pb(unsigned).SerializeToString())
+    assert again == unsigned
+    assert again.signature is None
+
+
+def test_envelope_protobuf_fields(full_envelope: Envelope) -> None:
+    """envelope_to_pb puts each value in the protobuf field of the same name."""
+    msg = envelope_to_pb(full_envelope)
+    assert isinstance(msg, pb.Envelope)
+    assert msg.sender == full_envelope.sender
+    assert msg.payload == full_envelope.payload
+    assert dict(msg.metadata) == dict(full_envelope.metadata)
+    assert msg.nonce == full_envelope.nonce
+    assert full_envelope.signature is not None
+    assert msg.signature.value == full_envelope.signature.value
+
+
+def test_reply_round_trip(full_reply: Reply, full_envelope: Envelope) -> None:
+    """A reply survives to protobuf, bytes and back with every field and a valid signature."""
+    again = decode_reply(reply_to_pb(full_reply).SerializeToString())
+    assert again == full_reply
+    assert reply_from_pb(reply_to_pb(full_reply)) == full_reply
+    Verifier().verify_reply(again, full_envelope)
+
+
+def test_success_reply_round_trip(bob: Identity, full_envelope: Envelope) -> None:
+    """A successful reply without error decodes with error None and success True."""
+    ok = bob.sign_reply(
+        Reply(
+            request_id=full_envelope.id,
+            request_digest=full_envelope.digest(),
+            responder=bob.did,
+            data=b"done",
+        )
+    )
+    again = decode_reply(reply_to_pb(ok).SerializeToString())
+    assert again == ok
+    assert again.error is None
+    assert again.success is True
+    Verifier().verify_reply(again, full_envelope)
+
+
+def test_card_round_trip(full_card: AgentCard) -> None:
+    """A card survives to protobuf, bytes and back with every field and a valid signature."""
+    again = decode_card(card_to_pb(full_card).SerializeToString())
+    assert again == full_card
+    assert card_from_pb(card_to_pb(full_card)) == full_card
+    Verifier().verify_card(again)
+
+
+@pytest.mark.parametrize("decode", DECODERS.values(), ids=DECODERS.keys())
+def test_empty_bytes_decode_to_defaults(decode: Callable[[bytes], Any]) -> None:
+    """Empty bytes are a valid, empty message (validation and verification refuse it later)."""
+    value = decode(b"")
+    assert value.signature is None
+
+
+def test_empty_envelope_fails_validation() -> None:
+    """An envelope decoded from empty bytes fails validate() with EnvelopeError."""
+    with pytest.raises(EnvelopeError):
+        decode_envelope(b"").validate()
+
+
+GARBAGE = {
+    "truncated varint": b"\x08",
+    "truncated length": b"\x0a\x05abc",
+    "all ones": b"\xff" * 16,
+    "invalid wire type": b"\x0f\x00",
+    "field number zero": b"\x00\x00",
+    "overlong varint": b"\x08" + b"\xff" * 11,
+    "length beyond end": b"\x42\xff\xff\xff\xff\x0f",
+    "json": b'{"id": "x"}',
+    "group start without end": b"\x0b",
+}
+
+
+@pytest.mark.parametrize("decode", DECODERS.values(), ids=DECODERS.keys())
+@pytest.mark.parametrize("data", GARBAGE.values(), ids=GARBAGE.keys())
+def test_garbage_raises_envelope_error(decode: Callable[[bytes], Any], data: bytes) -> None:
+    """Bytes that are not a protobuf message raise EnvelopeError."""
+    with pytest.raises(EnvelopeError, match="undecodable"):
+        decode(data)
+
+
+@pytest.mark.parametrize("decode", DECODERS.values(), ids=DECODERS.keys())
+def test_truncated_message_raises_envelope_error(
+    decode: Callable[[bytes], Any], full_envelope: Envelope
+) -> None:
+    """A valid serialized envelope cut short raises EnvelopeError for every decoder."""
+    data = envelope_to_pb(full_envelope).SerializeToString()
+    with pytest.raises(EnvelopeError):
+        decode(data[:-1])
+
+
+# Field 1 is a string in Envelope (id), Reply (request_id) and AgentCard (did).
+BAD_UTF8_STRING_FIELD_1 = b"\x0a\x02\xff\xfe"
+
+
+@pytest.mark.parametrize("decode", DECODERS.values(), ids=DECODERS.keys())
+def test_invalid_utf8_in_string_field(decode: Callable[[bytes], Any]) -> None:
+    """Invalid UTF-8 in a string field raises EnvelopeError."""
+    with pytest.raises(EnvelopeError):
+        decode(BAD_UTF8_STRING_FIELD_1)
+
+
+def test_invalid_utf8_in_nested_string_fields() -> None:
+    """Invalid UTF-8 in a metadata key, metadata value or signature signer raises EnvelopeError."""
+    bad_key = b"\x52\x06" + b"\x0a\x02\xff\xfe\x12\x00"  # metadata entry {b"\xff\xfe": ""}
+    bad_value = b"\x52\x06" + b"\x0a\x00\x12\x02\xc3\x28"  # metadata entry {"": b"\xc3\x28"}
+    bad_signer = b"\x7a\x04" + b"\x0a\x02\xed\xa0"  # signature.signer, a UTF-16 surrogate
+    for data in (bad_key, bad_value, bad_signer):
+        with pytest.raises(EnvelopeError):
+            decode_envelope(data)
+
+
+def test_invalid_utf8_in_reply_error() -> None:
+    """Invalid UTF-8 in a reply's error reason raises EnvelopeError."""
+    with pytest.raises(EnvelopeError):
+        decode_reply(b"\x2a\x04" + b"\x0a\x02\xff\xfe")
+
+
+def test_unknown_fields_are_ignored(full_envelope: Envelope) -> None:
+    """Unknown fields from a newer peer are skipped and the signature still verifies."""
+    data = envelope_to_pb(full_envelope).SerializeToString() + b"\xa0\x06\x01"  # field 100 = 1
+    again = decode_envelope(data)
+    assert again == full_envelope
+    Verifier().verify_envelope(again)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=512))
+def test_random_bytes_decode_or_raise_envelope_error(data: bytes) -> None:
+    """Random bytes either decode or raise EnvelopeError, for every decoder."""
+    for decode in DECODERS.values():
+        try:
+            decode(data)
+        except EnvelopeError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(min_value=0), value=st.integers(min_value=0, max_value=255))
+def test_corrupted_envelope_decodes_or_raises_envelope_error(position: int, value: int) -> None:
+    """A serialized envelope with one byte replaced decodes or raises EnvelopeError."""
+    alice = Identity.from_seed(bytes(range(32)))
+    envelope = alice.sign_envelope(
+        Envelope(
+            id="e",
+            kind="k",
+            sender=alice.did,
+            metadata={"a": "b"},
+            created_at_ms=T0,
+            nonce=bytes(16),
+        )
+    )
+    data = bytearray(envelope_to_pb(envelope).SerializeToString())
+    data[position % len(data)] = value
+    for decode in DECODERS.values():
+        try:
+            decode(bytes(data))
+        except EnvelopeError:
+            pass

@@ -1,0 +1,334 @@
+"""ReplayGuard: the timestamp window, the nonce cache, its bounds, and thread safety."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sigwire.envelope import Envelope
+from sigwire.errors import OverloadedError, ReplayError, StaleMessageError
+from sigwire.signing import Identity, ReplayGuard
+from tests.conftest import TIMEOUT
+
+from .conftest import T0
+
+PAST_MS = 300_000
+FUTURE_MS = 30_000
+WINDOW_MS = PAST_MS + FUTURE_MS
+
+
+@pytest.fixture
+def make(alice: Identity) -> Callable[..., Envelope]:
+    """A factory of envelopes signed by alice: make(n, created_at_ms=T0, payload=b"")."""
+
+    def build(n: int, *, created_at_ms: int = T0, payload: bytes = b"") -> Envelope:
+        return alice.sign_envelope(
+            Envelope(
+                id=f"env-{n}",
+                kind="echo",
+                sender=alice.did,
+                payload=payload,
+                created_at_ms=created_at_ms,
+                nonce=n.to_bytes(16, "big"),
+            )
+        )
+
+    return build
+
+
+@pytest.fixture
+def guard() -> ReplayGuard:
+    """A guard with the default window (5 min past, 30 s future)."""
+    return ReplayGuard()
+
+
+def test_defaults_are_documented(guard: ReplayGuard) -> None:
+    """The default window is 5 minutes back and 30 seconds ahead."""
+    assert (guard.past_ms, guard.future_ms) == (PAST_MS, FUTURE_MS)
+
+
+def test_fresh_then_duplicate(guard: ReplayGuard, make: Callable[..., Envelope]) -> None:
+    """The first sighting of an envelope is fresh; an exact re-send is a duplicate (False)."""
+    envelope = make(1)
+    assert guard.check_and_mark(envelope, now=T0) is True
+    assert guard.check_and_mark(envelope, now=T0) is False
+    assert guard.check_and_mark(envelope, now=T0 + 1000) is False
+    assert len(guard) == 1
+
+
+def test_same_nonce_other_content_is_a_replay(
+    guard: ReplayGuard, make: Callable[..., Envelope]
+) -> None:
+    """A second envelope with a seen nonce but other content raises ReplayError."""
+    assert guard.check_and_mark(make(1), now=T0)
+    forged = make(1, payload=b"other")
+    assert forged.nonce == make(1).nonce
+    with pytest.raises(ReplayError) as info:
+        guard.check_and_mark(forged, now=T0)
+    assert type(info.value) is ReplayError
+    assert info.value.reason == "REPLAY"
+    assert len(guard) == 1
+
+
+def test_same_nonce_from_another_sender_is_fresh(
+    guard: ReplayGuard, make: Callable[..., Envelope], bob: Identity
+) -> None:
+    """Nonces are remembered per sender: bob may use a nonce alice used."""
+    mine = make(1)
+    theirs = bob.sign_envelope(dataclasses.replace(mine, sender=bob.did, signature=None))
+    assert guard.check_and_mark(mine, now=T0)
+    assert guard.check_and_mark(theirs, now=T0)
+    assert len(guard) == 2
+
+
+def test_distinct_envelopes_are_all_fresh(
+    guard: ReplayGuard, make: Callable[..., Envelope]
+) -> None:
+    """Envelopes with distinct nonces are each fresh once."""
+    envelopes = [make(n) for n in range(50)]
+    assert all(guard.check_and_mark(e, now=T0) for e in envelopes)
+    assert not any(guard.check_and_mark(e, now=T0) for e in envelopes)
+    assert len(guard) == 50
+
+
+@pytest.mark.parametrize(
+    ("now", "skew"),
+    [
+        (T0 + PAST_MS + 1, -(PAST_MS + 1)),
+        (T0 + 10 * PAST_MS, -10 * PAST_MS),
+        (T0 - FUTURE_MS - 1, FUTURE_MS + 1),
+        (T0 - 10 * FUTURE_MS, 10 * FUTURE_MS),
+    ],
+    ids=["1 ms too old", "far too old", "1 ms too far ahead", "far ahead"],
+)
+def test_timestamp_outside_window_is_stale(
+    guard: ReplayGuard, make: Callable[..., Envelope], now: int, skew: int
+) -> None:
+    """An envelope outside the window raises StaleMessageError with its skew, unrecorded."""
+    with pytest.raises(StaleMessageError) as info:
+        guard.check_and_mark(make(1), now=now)
+    assert info.value.skew_ms == skew
+    assert info.value.reason == "TIMESTAMP_OUT_OF_WINDOW"
+    assert isinstance(info.value, ReplayError)
+    assert len(guard) == 0
+
+
+def test_stale_message_error_says_old_or_future() -> None:
+    """StaleMessageError's message says whether the timestamp is old or in the future."""
+    assert "old" in str(StaleMessageError(-5))
+    assert "future" in str(StaleMessageError(5))
+
+
+@pytest.mark.parametrize(
+    "now", [T0 + PAST_MS, T0 - FUTURE_MS, T0], ids=["oldest allowed", "newest allowed", "now"]
+)
+def test_timestamp_at_window_edge_is_accepted(
+    guard: ReplayGuard, make: Callable[..., Envelope], now: int
+) -> None:
+    """Timestamps exactly at the edges of the window are accepted."""
+    guard.check_window(T0, now=now)
+    assert guard.check_and_mark(make(1), now=now)
+
+
+def test_custom_window_edges() -> None:
+    """A custom window is enforced at exactly its own edges."""
+    guard = ReplayGuard(past_ms=1000, future_ms=100)
+    guard.check_window(T0, now=T0 + 1000)
+    guard.check_window(T0, now=T0 - 100)
+    with pytest.raises(StaleMessageError):
+        guard.check_window(T0, now=T0 + 1001)
+    with pytest.raises(StaleMessageError):
+        guard.check_window(T0, now=T0 - 101)
+
+
+def test_default_ttl_is_at_least_twice_the_window() -> None:
+    """The default TTL is at least twice past_ms + future_ms, for default and custom windows."""
+    assert ReplayGuard().ttl_ms >= 2 * WINDOW_MS
+    assert ReplayGuard(past_ms=1000, future_ms=500).ttl_ms >= 3000
+
+
+@pytest.mark.parametrize("ttl_ms", [0, 1, WINDOW_MS, 2 * WINDOW_MS - 1])
+def test_ttl_shorter_than_twice_the_window_is_refused(ttl_ms: int) -> None:
+    """ReplayGuard refuses a TTL shorter than twice the window."""
+    with pytest.raises(ValueError, match="twice"):
+        ReplayGuard(ttl_ms=ttl_ms)
+
+
+def test_ttl_of_exactly_twice_the_window_is_allowed() -> None:
+    """A TTL of exactly twice the window, or more, is accepted."""
+    assert ReplayGuard(ttl_ms=2 * WINDOW_MS).ttl_ms == 2 * WINDOW_MS
+    assert ReplayGuard(ttl_ms=10 * WINDOW_MS).ttl_ms == 10 * WINDOW_MS
+
+
+@pytest.mark.parametrize("capacity", [0, -1])
+def test_capacity_must_be_positive(capacity: int) -> None:
+    """ReplayGuard refuses a capacity below one."""
+    with pytest.raises(ValueError, match="capacity"):
+        ReplayGuard(capacity=capacity)
+
+
+def test_nonce_is_remembered_until_ttl(guard: ReplayGuard, make: Callable[..., Envelope]) -> None:
+    """A nonce stays remembered for exactly ttl_ms, then its entry is freed for reuse."""
+    ttl = guard.ttl_ms
+    assert guard.check_and_mark(make(1), now=T0)
+    # Same sender and nonce, new content, timestamps fresh at the time they are checked.
+    with pytest.raises(ReplayError):
+        guard.check_and_mark(make(1, created_at_ms=T0 + ttl - 1), now=T0 + ttl - 1)
+    assert len(guard) == 1
+    assert guard.check_and_mark(make(1, created_at_ms=T0 + ttl), now=T0 + ttl)
+    assert len(guard) == 1
+
+
+def test_full_cache_of_live_entries_refuses_new_envelopes(
+    make: Callable[..., Envelope],
+) -> None:
+    """At capacity with live entries, a new envelope raises OverloadedError (fail closed)."""
+    guard = ReplayGuard(capacity=3)
+    for n in range(3):
+        assert guard.check_and_mark(make(n), now=T0)
+    with pytest.raises(OverloadedError) as info:
+        guard.check_and_mark(make(3), now=T0 + 1)
+    assert info.value.reason == "OVERLOADED"
+    assert len(guard) == 3
+    # A duplicate of a live entry is still recognised while full.
+    assert guard.check_and_mark(make(0), now=T0 + 2) is False
+    with pytest.raises(ReplayError):
+        guard.check_and_mark(make(0, payload=b"x"), now=T0 + 2)
+
+
+def test_full_cache_evicts_expired_entries(make: Callable[..., Envelope]) -> None:
+    """Expired entries are evicted to make room; only live ones count against capacity."""
+    guard = ReplayGuard(capacity=2)
+    ttl = guard.ttl_ms
+    assert guard.check_and_mark(make(0), now=T0)
+    assert guard.check_and_mark(make(1, created_at_ms=T0 + 10), now=T0 + 10)
+    late = T0 + ttl
+    with pytest.raises(OverloadedError):
+        guard.check_and_mark(make(2, created_at_ms=late), now=late - 1)
+    assert guard.check_and_mark(make(2, created_at_ms=late), now=late)  # evicts make(0)
+    assert len(guard) == 2
+    with pytest.raises(OverloadedError):
+        guard.check_and_mark(make(3, created_at_ms=late), now=late)
+    later = T0 + 10 + ttl
+    assert guard.check_and_mark(make(3, created_at_ms=later), now=later)  # evicts make(1)
+    assert len(guard) == 2
+
+
+def test_all_expired_entries_are_evicted_at_once(make: Callable[..., Envelope]) -> None:
+    """A full cache whose entries have all expired holds only the newcomer afterwards."""
+    guard = ReplayGuard(capacity=5)
+    for n in range(5):
+        guard.check_and_mark(make(n), now=T0)
+    late = T0 + guard.ttl_ms
+    assert guard.check_and_mark(make(9, created_at_ms=late), now=late)
+    assert len(guard) == 1
+
+
+# --- concurrency -------------------------------------------------------------------------
+
+THREADS = 8
+
+
+class _YieldingDict(collections.OrderedDict[bytes, Any]):
+    """An OrderedDict that gives up the CPU after each lookup.
+
+    Widens the window between "is this nonce known?" and "remember it" so that
+    a check_and_mark without its lock fails these tests reliably instead of
+    almost never (the GIL alone makes the race rare, not impossible).
+    """
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        value = super().get(key, default)
+        os.sched_yield()
+        return value
+
+
+@pytest.fixture
+def racy_guard() -> ReplayGuard:
+    """A default guard whose nonce cache yields to other threads inside the critical section."""
+    guard = ReplayGuard()
+    assert isinstance(guard._seen, collections.OrderedDict)
+    guard._seen = _YieldingDict(guard._seen)
+    return guard
+
+
+def _race(work: Callable[[int], list[bool]]) -> list[list[bool]]:
+    """Run work(thread_index) in THREADS threads released together by a Barrier."""
+    barrier = threading.Barrier(THREADS, timeout=TIMEOUT)
+    results: list[list[bool]] = [[] for _ in range(THREADS)]
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait()
+            results[index] = work(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    return results
+
+
+def test_racing_threads_see_one_envelope_fresh_exactly_once(
+    racy_guard: ReplayGuard, make: Callable[..., Envelope]
+) -> None:
+    """Eight threads racing check_and_mark on one envelope: exactly one call returns True."""
+    envelope = make(1)
+    attempts = 200
+
+    def work(_: int) -> list[bool]:
+        return [racy_guard.check_and_mark(envelope, now=T0) for _ in range(attempts)]
+
+    outcomes = [result for results in _race(work) for result in results]
+    assert len(outcomes) == THREADS * attempts
+    assert outcomes.count(True) == 1
+    assert len(racy_guard) == 1
+
+
+def test_racing_threads_see_each_distinct_envelope_fresh_exactly_once(
+    racy_guard: ReplayGuard, make: Callable[..., Envelope]
+) -> None:
+    """Eight threads racing over the same 500 envelopes: each is fresh exactly once overall."""
+    envelopes = [make(n) for n in range(500)]
+
+    def work(index: int) -> list[bool]:
+        order = list(range(len(envelopes)))
+        random.Random(index).shuffle(order)
+        fresh = [False] * len(envelopes)
+        for n in order:
+            fresh[n] = racy_guard.check_and_mark(envelopes[n], now=T0)
+        return fresh
+
+    per_thread = _race(work)
+    wins = [sum(thread[n] for thread in per_thread) for n in range(len(envelopes))]
+    assert wins == [1] * len(envelopes)
+    assert len(racy_guard) == len(envelopes)
+
+
+def test_racing_threads_with_distinct_envelopes_all_succeed(
+    racy_guard: ReplayGuard, make: Callable[..., Envelope]
+) -> None:
+    """Eight threads each marking their own 250 envelopes all get True for every one."""
+    per = 250
+    envelopes = [make(n) for n in range(THREADS * per)]
+
+    def work(index: int) -> list[bool]:
+        return [
+            racy_guard.check_and_mark(e, now=T0) for e in envelopes[index * per : (index + 1) * per]
+        ]
+
+    assert all(all(results) and len(results) == per for results in _race(work))
+    assert len(racy_guard) == THREADS * per
