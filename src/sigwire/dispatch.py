@@ -352,7 +352,14 @@ class Dispatcher:
             task = asyncio.create_task(self._produce(key, entry, envelope, handler, streams))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+        digest = envelope.digest()
         async for reply in entry.follow():
+            if reply.request_digest != digest:
+                # A re-signed retry (same id, new nonce or timestamp): the cached
+                # answer is re-bound to the request that asked for it this time.
+                reply = self.identity.sign_reply(
+                    dataclasses.replace(reply, request_digest=digest, signature=None)
+                )
             yield reply
         if not entry.replies or not entry.replies[-1].final:
             raise ShuttingDownError("the handler was cancelled before it answered")

@@ -80,8 +80,8 @@ def public_key_from_did(did: str) -> bytes:
     """The raw 32-byte Ed25519 public key a ``did:key`` encodes.
 
     Raises:
-        InvalidDidError: Not a did:key, not base58btc, not an Ed25519 key, or
-            not a point on the curve.
+        InvalidDidError: Not a did:key, not base58btc, not an Ed25519 key, not
+            a point on the curve, or a small-order (forgeable) point.
     """
     return _resolve(did).public_bytes_raw()
 
@@ -107,10 +107,49 @@ def _resolve(did: str) -> Ed25519PublicKey:
         raise InvalidDidError(did, f"Ed25519 public keys are 32 bytes, not {len(key)}")
     if DID_KEY_PREFIX + base58.b58encode(raw).decode() != did:
         raise InvalidDidError(did, "not the canonical base58btc encoding of its key")
-    try:
-        return Ed25519PublicKey.from_public_bytes(key)
-    except ValueError:
-        raise InvalidDidError(did, "not a valid Ed25519 public key") from None
+    problem = _weak_key(key)
+    if problem:
+        raise InvalidDidError(did, problem)
+    return Ed25519PublicKey.from_public_bytes(key)
+
+
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+
+
+def _weak_key(key: bytes) -> str:
+    """Why ``key`` is unusable as an Ed25519 public key, or "" if it is fine.
+
+    cryptography loads any 32 bytes; a small-order point (such as the
+    identity) lets anyone forge signatures that verify for every message, so
+    it must never name a sender. Decoding follows RFC 8032 section 5.1.3.
+    """
+    y = int.from_bytes(key, "little") & ((1 << 255) - 1)
+    sign = key[31] >> 7
+    if y >= _P:
+        return "not a canonical point encoding"
+    u = (y * y - 1) % _P
+    v = (_D * y * y + 1) % _P
+    x2 = u * pow(v, -1, _P) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * _SQRT_M1 % _P
+    if (x * x - x2) % _P:
+        return "not a point on the Ed25519 curve"
+    if x == 0 and sign:
+        return "not a canonical point encoding"
+    if x & 1 != sign:
+        x = _P - x
+    for _ in range(3):  # multiply by the cofactor 8
+        xx, yy = x * x % _P, y * y % _P
+        x, y = (
+            2 * x * y * pow((yy - xx) % _P, -1, _P) % _P,
+            (yy + xx) * pow((2 + xx - yy) % _P, -1, _P) % _P,
+        )
+    if x == 0 and y == 1:
+        return "a small-order point: signatures by it prove nothing"
+    return ""
 
 
 class Identity:
@@ -459,7 +498,7 @@ class ReplayGuard:
         now = now_ms() if now is None else now
         self.check_window(envelope.created_at_ms, now)
         key = _nonce_key(envelope.sender, envelope.nonce)
-        digest = envelope.digest()
+        digest = _content_digest(envelope)
         with self._lock:
             self._expire(now)
             seen = self._seen.get(key)
@@ -481,7 +520,7 @@ class ReplayGuard:
         key = _nonce_key(envelope.sender, envelope.nonce)
         with self._lock:
             seen = self._seen.get(key)
-            if seen is not None and seen.digest == envelope.digest():
+            if seen is not None and seen.digest == _content_digest(envelope):
                 del self._seen[key]
 
     def _expire(self, now: int) -> None:
@@ -493,6 +532,15 @@ class ReplayGuard:
             if first.expires_ms > now:
                 break
             seen.popitem(last=False)
+
+
+def _content_digest(envelope: Envelope) -> bytes:
+    # Signed: the signature stands for the content. Unsigned (verification
+    # switched off): hash the content itself, or every unsigned envelope
+    # would look like a re-send of every other.
+    if envelope.signature is not None:
+        return envelope.digest()
+    return hashlib.sha256(envelope.signing_input()).digest()
 
 
 def _nonce_key(sender: str, nonce: bytes) -> bytes:

@@ -332,3 +332,13 @@ def test_racing_threads_with_distinct_envelopes_all_succeed(
 
     assert all(all(results) and len(results) == per for results in _race(work))
     assert len(racy_guard) == THREADS * per
+
+
+def test_unsigned_envelopes_with_other_content_are_replays(guard: ReplayGuard) -> None:
+    """Unsigned envelopes are told apart by content, not by their (absent) signature."""
+    first = Envelope(id="a", kind="k", sender="did:key:z", created_at_ms=T0, nonce=bytes(16))
+    other = dataclasses.replace(first, payload=b"different")
+    assert guard.check_and_mark(first, now=T0) is True
+    assert guard.check_and_mark(first, now=T0) is False
+    with pytest.raises(ReplayError):
+        guard.check_and_mark(other, now=T0)
