@@ -39,6 +39,7 @@ log = logging.getLogger("sigwire.session")
 
 _BATCH_MESSAGES: Final = 128
 _BATCH_BYTES: Final = 256 * 1024
+_FLUSH_TIMEOUT: Final = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -203,20 +204,24 @@ class Session:
 
     async def run(self) -> None:
         """Run until the stream ends; never raises (see :attr:`error`)."""
+        reader = asyncio.create_task(self._reader(), name=f"{self.name}-reader")
         writer = asyncio.create_task(self._writer(), name=f"{self.name}-writer")
         beat = asyncio.create_task(self._heartbeat(), name=f"{self.name}-heartbeat")
         try:
-            await self._reader()
+            # Ends when the peer closes (reader) or we do (writer, after
+            # flushing what was queued before the close).
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            self._begin_close(None)
+            # Let the writer flush, but a peer that stopped reading cannot
+            # hold a close hostage.
+            await asyncio.wait((writer,), timeout=_FLUSH_TIMEOUT)
         finally:
             self._begin_close(None)
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            beat.cancel()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(beat, *self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
-                await self.stream.close()
+                await self.stream.close()  # also unblocks a reader stuck in recv()
+            for task in (reader, writer, beat, *self._tasks):
+                task.cancel()
+            await asyncio.gather(reader, writer, beat, *self._tasks, return_exceptions=True)
             self.closed.set()
             if self._on_closed is not None:
                 self._on_closed(self)

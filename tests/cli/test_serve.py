@@ -1,0 +1,135 @@
+"""The sigwire command against a real `sigwire serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sigwire.signing import Identity
+from tests.conftest import TIMEOUT
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _sigwire(
+    *args: str, env: dict[str, str], timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sigwire", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+
+
+@pytest.fixture
+def served(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    key = tmp_path / "server.pem"
+    identity = Identity.generate()
+    identity.save(key)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sigwire",
+            "serve",
+            "--key",
+            str(key),
+            "--grpc",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first.strip() == f"sigwire agent {identity.did}", first
+    url = proc.stdout.readline().split()[-1]
+    try:
+        yield proc, url, identity.did
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_send_ping_describe_and_drain_on_sigterm(
+    served: tuple[subprocess.Popen[str], str, str], env: dict[str, str]
+) -> None:
+    """send, --stream, ping and describe work against `sigwire serve`, which exits 0 on SIGTERM."""
+    proc, url, did = served
+    sent = _sigwire("send", url, "echo", "--data", "hello", "--expect-did", did, env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout == "hello"
+
+    streamed = _sigwire("send", url, "count", "--data", "3", "--stream", env=env)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.split() == ["0", "1", "2"]
+
+    ping = _sigwire("ping", url, "--count", "2", env=env)
+    assert ping.returncode == 0, ping.stderr
+    assert "SERVING" in ping.stdout
+    assert "rtt" in ping.stdout
+
+    described = _sigwire("describe", url, env=env)
+    assert described.returncode == 0, described.stderr
+    card = json.loads(described.stdout)
+    assert card["did"] == did
+    assert card["endpoints"] == [url]
+    assert card["kinds"] == ["count", "echo"]
+
+    unknown = _sigwire("send", url, "no.such.kind", env=env)
+    assert unknown.returncode == 1
+    assert "KIND_UNKNOWN" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == 0
+    assert proc.stderr is not None
+    assert "draining" in proc.stderr.read()
+
+
+def test_send_to_a_dead_port_fails_cleanly(env: dict[str, str]) -> None:
+    """send to a port nobody listens on exits 1 with a reason, no traceback."""
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        port = dead.getsockname()[1]
+        result = _sigwire(
+            "send", f"grpc://127.0.0.1:{port}", "echo", "--connect-timeout", "0.5", env=env
+        )
+    assert result.returncode == 1
+    assert "no transport available" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_send_refuses_an_unknown_scheme(env: dict[str, str]) -> None:
+    """An unsupported URL scheme is named, with the supported ones listed."""
+    result = _sigwire("send", "ftp://127.0.0.1:1", "echo", env=env)
+    assert result.returncode == 1
+    assert "grpc://" in result.stderr
+    assert "ftp" in result.stderr
