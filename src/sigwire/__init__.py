@@ -46,8 +46,7 @@ from sigwire.signing import (
     public_key_from_did,
 )
 from sigwire.targets import Target, parse_target
-from sigwire.transports.base import TlsClientConfig
-from sigwire.transports.grpc.server import TlsServerConfig
+from sigwire.transports.base import TlsClientConfig, TlsServerConfig
 from sigwire.transports.registry import Registry, default_registry
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from sigwire.envelope import AgentCard, Envelope, Reply, ReplyError, Signature
@@ -17,13 +18,17 @@ from sigwire_pb.v1 import messages_pb2 as pb
 from sigwire_pb.v1 import transport_pb2 as transport_pb
 
 __all__ = [
+    "card_from_json",
     "card_from_pb",
+    "card_to_json",
     "card_to_pb",
     "decode_card",
     "decode_envelope",
     "decode_reply",
     "envelope_from_pb",
     "envelope_to_pb",
+    "frame_from_json",
+    "frame_to_json",
     "pb",
     "reply_from_pb",
     "reply_to_pb",
@@ -193,3 +198,50 @@ def decode_card(data: bytes) -> AgentCard:
         EnvelopeError: The bytes are not an AgentCard.
     """
     return card_from_pb(_parse(pb.AgentCard, data))
+
+
+def frame_from_json(text: str) -> bytes:
+    """Serialized Frame bytes from protobuf's canonical JSON mapping of a Frame.
+
+    Raises:
+        EnvelopeError: Not JSON, or not a Frame.
+    """
+    frame = pb.Frame()
+    try:
+        json_format.Parse(text, frame)
+    except (json_format.ParseError, ValueError, RecursionError) as exc:
+        raise EnvelopeError(f"invalid JSON frame: {exc}") from None
+    return frame.SerializeToString()
+
+
+def frame_to_json(data: bytes) -> str:
+    """The canonical JSON mapping of serialized Frame bytes.
+
+    Raises:
+        EnvelopeError: The bytes are not a Frame.
+    """
+    frame = pb.Frame()
+    try:
+        frame.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise EnvelopeError(f"undecodable Frame: {exc}") from None
+    return json_format.MessageToJson(frame, indent=None)
+
+
+def card_to_json(card: AgentCard) -> str:
+    """The canonical JSON mapping of an AgentCard (bytes as base64)."""
+    return json_format.MessageToJson(card_to_pb(card), indent=2)
+
+
+def card_from_json(text: str | bytes) -> AgentCard:
+    """Parse the JSON mapping of an AgentCard (not yet verified).
+
+    Raises:
+        EnvelopeError: Not an AgentCard in JSON.
+    """
+    msg = pb.AgentCard()
+    try:
+        json_format.Parse(text, msg)
+    except (json_format.ParseError, ValueError, RecursionError) as exc:
+        raise EnvelopeError(f"invalid agent card JSON: {exc}") from None
+    return card_from_pb(msg)

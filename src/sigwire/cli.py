@@ -62,7 +62,7 @@ def _load_app(spec: str) -> Callable[[Any], None]:
 async def _serve(args: argparse.Namespace) -> int:
     from sigwire.demo import add_builtin_handlers
     from sigwire.server import Server
-    from sigwire.transports.grpc.server import TlsServerConfig
+    from sigwire.transports.base import TlsServerConfig
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("sigwire: error: --tls-cert and --tls-key go together")

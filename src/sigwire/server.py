@@ -20,8 +20,10 @@ from sigwire.errors import (
 )
 from sigwire.session import Session, SessionOptions
 from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier
-from sigwire.transports.base import FrameStream
-from sigwire.transports.grpc.server import GrpcListener, TlsServerConfig
+from sigwire.targets import DEFAULT_WS_PATH
+from sigwire.transports.base import FrameStream, Listener, TlsServerConfig
+from sigwire.transports.grpc.server import GrpcListener
+from sigwire.transports.websocket.server import WebSocketListener
 
 __all__ = ["Server"]
 
@@ -45,12 +47,14 @@ class Server:
     Args:
         identity: The agent's identity; signs every reply and push.
         grpc: ``HOST:PORT`` to serve gRPC on (port 0 picks one), or ``unix:/path``.
+        ws: ``HOST:PORT`` to serve the WebSocket fallback on (port 0 picks one).
+        ws_path: The WebSocket path (default ``/sigwire/v1``).
         name: Human-readable name published in the agent card.
         trust: Which authenticated senders are admitted (default: all).
         require_signatures: Refuse unsigned envelopes (default True).
         limits: Message size, rate, window and cache limits.
         session: Heartbeat settings of Connect streams.
-        tls: Certificate and key: serve ``grpcs://`` instead of ``grpc://``.
+        tls: Certificate and key: serve ``grpcs://``/``wss://`` instead of ``grpc://``/``ws://``.
         keepalive: Seconds between HTTP/2 keepalive pings.
         replay_guard: Replay window and nonce cache (default: 5 min back, 30 s ahead).
     """
@@ -60,6 +64,8 @@ class Server:
         identity: Identity,
         *,
         grpc: str | None = None,
+        ws: str | None = None,
+        ws_path: str = DEFAULT_WS_PATH,
         name: str = "",
         trust: TrustPolicy | None = None,
         require_signatures: bool = True,
@@ -80,9 +86,14 @@ class Server:
         )
         self.correlator = Correlator(self.verifier)
         self.urls: list[str] = []
-        self._listeners: list[GrpcListener] = []
+        # In preference order, as the agent card lists them: gRPC, then WebSocket.
+        self._listeners: list[Listener] = []
         if grpc is not None:
             self._listeners.append(GrpcListener(self, grpc, tls=tls, keepalive=keepalive))
+        if ws is not None:
+            self._listeners.append(
+                WebSocketListener(self, ws, path=ws_path, tls=tls, keepalive=keepalive)
+            )
         self._sessions: dict[str, list[Session]] = {}
         self._all_sessions: set[Session] = set()
         self._card: AgentCard | None = None
@@ -100,7 +111,7 @@ class Server:
         if self._started:
             return
         if not self._listeners:
-            raise ValueError("give at least one listener address (grpc=...)")
+            raise ValueError("give at least one listener address (grpc=... or ws=...)")
         self._started = True
         self.dispatcher.accepting = True
         try:
@@ -135,7 +146,8 @@ class Server:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         self.correlator.fail_all(ShuttingDownError("the server is shutting down"))
-        closing = [session.close() for session in list(self._all_sessions)]
+        gone = ShuttingDownError("the agent is shutting down")
+        closing = [session.close(gone) for session in list(self._all_sessions)]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(grace, 1.0)):
                 await asyncio.gather(*closing, return_exceptions=True)

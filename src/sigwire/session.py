@@ -217,8 +217,12 @@ class Session:
             await asyncio.wait((writer,), timeout=_FLUSH_TIMEOUT)
         finally:
             self._begin_close(None)
+            error = self.error
             with contextlib.suppress(Exception):
-                await self.stream.close()  # also unblocks a reader stuck in recv()
+                # Also unblocks a reader stuck in recv().
+                await self.stream.close(
+                    error.reason if error else "", error.message if error else ""
+                )
             for task in (reader, writer, beat, *self._tasks):
                 task.cancel()
             await asyncio.gather(reader, writer, beat, *self._tasks, return_exceptions=True)
@@ -381,7 +385,9 @@ class Session:
             silent = time.monotonic() - self._last_heard
             if silent >= timeout:
                 log.info("%s: peer silent for %.1fs; closing", self.name, silent)
-                self._begin_close(ConnectionClosedError("heartbeat timeout: the peer went silent"))
+                self._begin_close(
+                    ConnectionClosedError("the peer went silent", reason="HEARTBEAT_TIMEOUT")
+                )
                 # A black-holed peer leaves recv() blocked; closing the stream ends it.
                 with contextlib.suppress(Exception):
                     await self.stream.close()

@@ -8,13 +8,26 @@ correlation, the inbound pipeline) is shared by all transports.
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sigwire.envelope import AgentCard
 from sigwire.signing import Identity
 from sigwire.targets import Target
 
-__all__ = ["ClientOptions", "Connector", "FrameStream", "Health", "TlsClientConfig"]
+if TYPE_CHECKING:
+    from sigwire.dispatch import Dispatcher
+    from sigwire.session import Session
+
+__all__ = [
+    "ClientOptions",
+    "Connector",
+    "FrameStream",
+    "Health",
+    "Listener",
+    "ServerCore",
+    "TlsClientConfig",
+    "TlsServerConfig",
+]
 
 
 class FrameStream(Protocol):
@@ -113,3 +126,54 @@ class Connector(Protocol):
 
     async def aclose(self) -> None:
         """Release pooled resources (channels, sockets)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsServerConfig:
+    """TLS for ``grpcs://`` and ``wss://`` listeners.
+
+    Attributes:
+        cert_file: PEM certificate chain of the server.
+        key_file: PEM private key of that certificate.
+        client_ca_file: If set, clients must present a certificate signed by
+            this CA (mutual TLS).
+    """
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+class ServerCore(Protocol):
+    """What a listener needs from :class:`sigwire.Server`."""
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The inbound pipeline."""
+        ...
+
+    def card(self) -> AgentCard:
+        """The signed agent card."""
+        ...
+
+    def new_session(self, stream: FrameStream, name: str) -> Session:
+        """Create and register a session for a new Connect stream."""
+        ...
+
+
+class Listener(Protocol):
+    """One bound endpoint of a server (a gRPC or a WebSocket listener)."""
+
+    url: str
+
+    async def start(self) -> str:
+        """Bind and serve; returns the bound URL."""
+        ...
+
+    async def drain(self) -> None:
+        """Stop accepting new work (health NOT_SERVING, new connections refused)."""
+        ...
+
+    async def stop(self, grace: float) -> None:
+        """Stop serving; open connections get ``grace`` seconds."""
+        ...

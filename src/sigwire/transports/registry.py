@@ -7,6 +7,8 @@ from collections.abc import Callable
 from sigwire.errors import UnsupportedSchemeError
 from sigwire.targets import Target, parse_target
 from sigwire.transports.base import Connector
+from sigwire.transports.grpc.client import GrpcConnector
+from sigwire.transports.websocket.client import WebSocketConnector
 
 __all__ = ["Registry", "default_registry"]
 
@@ -60,9 +62,9 @@ class Registry:
 
 def default_registry() -> Registry:
     """A new registry with every built-in transport."""
-    from sigwire.transports.grpc.client import GrpcConnector
-
     registry = Registry()
     for scheme in ("grpc", "grpcs", "unix"):
         registry.register(scheme, GrpcConnector)
+    for scheme in ("ws", "wss"):
+        registry.register(scheme, WebSocketConnector)
     return registry

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -22,8 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from sigwire import _proto
-from sigwire.dispatch import Dispatcher
-from sigwire.envelope import AgentCard, Envelope, Reply
+from sigwire.envelope import Envelope, Reply
 from sigwire.errors import (
     ConnectionClosedError,
     EnvelopeError,
@@ -31,7 +28,7 @@ from sigwire.errors import (
     SigwireError,
     error_from_wire,
 )
-from sigwire.session import Session
+from sigwire.transports.base import ServerCore, TlsServerConfig
 from sigwire.transports.grpc.errors import abort_args
 
 __all__ = ["SERVICE_NAME", "GrpcListener", "ServerCore", "TlsServerConfig", "grpc_options"]
@@ -40,36 +37,6 @@ log = logging.getLogger("sigwire.server")
 
 SERVICE_NAME = "sigwire.v1.AgentTransport"
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TlsServerConfig:
-    """TLS for ``grpcs://`` (and ``wss://``) listeners.
-
-    Attributes:
-        cert_file: PEM certificate chain of the server.
-        key_file: PEM private key of that certificate.
-        client_ca_file: If set, clients must present a certificate signed by
-            this CA (mutual TLS).
-    """
-
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
-
-
-class ServerCore(Protocol):
-    """What a listener needs from :class:`sigwire.Server`."""
-
-    dispatcher: Dispatcher
-
-    def card(self) -> AgentCard:
-        """The signed agent card."""
-        ...
-
-    def new_session(self, stream: _ServerStream, name: str) -> Session:
-        """Create and register a session for a new Connect stream."""
-        ...
 
 
 def grpc_options(max_message_size: int, keepalive: float) -> list[tuple[str, int]]:
