@@ -23,6 +23,7 @@ from sigwire.dispatch import Limits
 from sigwire.errors import SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.signing import Identity
+from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import TlsClientConfig
 
 __all__ = ["build_parser", "main"]
@@ -69,7 +70,9 @@ async def _serve(args: argparse.Namespace) -> int:
     tls = TlsServerConfig(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     server = Server(
         _identity(args),
-        grpc=args.grpc,
+        grpc=args.grpc or None,
+        ws=args.ws,
+        ws_path=args.ws_path,
         name=args.name,
         trust=load_allow_list(args.trust) if args.trust else None,
         limits=Limits(max_message_size=args.max_message_size),
@@ -107,7 +110,7 @@ async def _send(args: argparse.Namespace) -> int:
     else:
         data = (args.data or "").encode()
     async with connect(
-        args.url,
+        [args.url, *args.fallback],
         identity=_identity(args),
         expect_did=args.expect_did,
         tls=_tls(args),
@@ -198,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sigwire`` command."""
     parser = argparse.ArgumentParser(
         prog="sigwire",
-        description="Signed agent-to-agent messaging over gRPC.",
+        description="Signed agent-to-agent messaging over gRPC, with a WebSocket fallback.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -216,8 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run an agent server until SIGTERM/SIGINT")
     serve.add_argument("--key", type=Path, help=key_help)
     serve.add_argument(
-        "--grpc", default="127.0.0.1:50051", metavar="HOST:PORT", help="default 127.0.0.1:50051"
+        "--grpc",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="default 127.0.0.1:50051; '' to serve WebSocket only",
     )
+    serve.add_argument(
+        "--ws",
+        metavar="HOST:PORT",
+        help="also serve the WebSocket fallback here (default: off)",
+    )
+    serve.add_argument("--ws-path", default=DEFAULT_WS_PATH, help=f"default {DEFAULT_WS_PATH}")
     serve.add_argument("--name", default="", help="name published in the agent card")
     serve.add_argument("--trust", type=Path, help="allow-list: one did:key per line")
     serve.add_argument("--tls-cert", help="PEM certificate: serve grpcs://")
@@ -242,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     body.add_argument("--file", help="payload file ('-' for stdin)")
     send.add_argument("--key", type=Path, help=key_help)
     send.add_argument("--stream", action="store_true", help="print streamed replies, one a line")
+    send.add_argument(
+        "--fallback",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="try this URL if the ones before fail (repeatable, in order)",
+    )
     send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
     _client_flags(send)
     send.set_defaults(run=_send)

@@ -88,6 +88,7 @@ class Peer:
         trust: TrustPolicy | None = None,
         limits: Limits | None = None,
         keepalive: float = 20.0,
+        learn_endpoints: bool = True,
     ) -> None:
         if not urls:
             raise ValueError("give at least one URL")
@@ -114,6 +115,9 @@ class Peer:
         self.server_did: str | None = expect_did
         self.target: Target | None = None
         self.reconnects = 0
+        self.learn_endpoints = learn_endpoints
+        self.card: AgentCard | None = None
+        self._learning: asyncio.Task[None] | None = None
         self._session: Session | None = None
         self._ready = asyncio.Event()
         self._failure: SigwireError | None = None
@@ -144,6 +148,28 @@ class Peer:
         """
         session, task = await self._open()
         self._supervisor = asyncio.create_task(self._supervise(session, task))
+        if self.learn_endpoints:
+            self._learning = asyncio.create_task(self._learn_endpoints())
+
+    async def _learn_endpoints(self) -> None:
+        # Given only one URL, the agent's signed card says where else it
+        # listens; verified against the DID we just authenticated, its
+        # endpoints become reconnect candidates (a session that loses gRPC
+        # midway may come back over the WebSocket fallback).
+        try:
+            card = await self.describe()
+        except SigwireError as exc:
+            log.debug("no agent card from %s: %s", self.url, exc)
+            return
+        known = {target.url for target in self.targets}
+        for url in card.endpoints:
+            if url in known:
+                continue
+            try:
+                self.targets.append(self.registry.parse(url))
+            except SigwireError:
+                log.debug("ignoring unusable endpoint %r in the agent card", url)
+        self.card = card
 
     async def _open(self) -> tuple[Session, asyncio.Task[None]]:
         attempts: list[tuple[str, BaseException]] = []
@@ -369,8 +395,13 @@ class Peer:
         session = self._session
         if session is not None:
             await session.close()
+        for task in (self._learning, self._supervisor):
+            if task is not None:
+                task.cancel()
+        if self._learning is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._learning
         if self._supervisor is not None:
-            self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         self.correlator.fail_all(ConnectionClosedError("the client closed the connection"))
@@ -439,7 +470,11 @@ def connect(url: str | Sequence[str], **options: Any) -> _Connecting:
             real, under ``connect_timeout``; the first that answers wins).
         **options: See :class:`Peer`: ``identity``, ``expect_did`` (pin the
             agent's DID), ``tls``, ``connect_timeout``, ``backoff``,
-            ``session``, ``trust``, ``limits``, ``registry``, ``keepalive``.
+            ``session``, ``trust``, ``limits``, ``registry``, ``keepalive``,
+            ``learn_endpoints`` (default True: after connecting, fetch the
+            agent's verified card and add its endpoints as reconnect
+            candidates, so that a session losing gRPC can come back over
+            WebSocket).
 
     Returns:
         An awaitable that is also an async context manager yielding a :class:`Peer`.

@@ -41,7 +41,7 @@ async def run_demo(say: Callable[[str], None] = print) -> None:
     """Run the conversation, narrating it through ``say``."""
     alice = Identity.generate()
     bob = Identity.generate()
-    server = Server(alice, grpc="127.0.0.1:0", name="alice")
+    server = Server(alice, grpc="127.0.0.1:0", ws="127.0.0.1:0", name="alice")
     add_builtin_handlers(server)
 
     @server.on("task.create")

@@ -133,3 +133,53 @@ def test_send_refuses_an_unknown_scheme(env: dict[str, str]) -> None:
     assert result.returncode == 1
     assert "grpc://" in result.stderr
     assert "ftp" in result.stderr
+
+
+def test_serve_ws_and_send_falls_back_to_it(tmp_path: Path, env: dict[str, str]) -> None:
+    """serve --ws opens both listeners; send --fallback reaches ws:// when gRPC is dead."""
+    key = tmp_path / "server.pem"
+    Identity.generate().save(key)
+    grpc_port, ws_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sigwire",
+            "serve",
+            "--key",
+            str(key),
+            "--grpc",
+            f"127.0.0.1:{grpc_port}",
+            "--ws",
+            f"127.0.0.1:{ws_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(3)]
+        ws_url = f"ws://127.0.0.1:{ws_port}/sigwire/v1"
+        assert lines[1:] == [
+            f"listening on grpc://127.0.0.1:{grpc_port}",
+            f"listening on {ws_url}",
+        ]
+        with socket.socket() as dead:
+            dead.bind(("127.0.0.1", 0))
+            dead_url = f"grpc://127.0.0.1:{dead.getsockname()[1]}"
+            sent = _sigwire(
+                "send", dead_url, "echo", "--data", "via ws", "--fallback", ws_url,
+                "--connect-timeout", "1", env=env,
+            )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout == "via ws"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        if proc.stdout is not None:
+            proc.stdout.close()
