@@ -344,6 +344,8 @@ class Session:
                 frame = pb.Frame(
                     sequence=self._sent, envelopes=pb.EnvelopeBatch(envelopes=envelopes)
                 )
+                # Envelopes hold window credit until the peer acks this frame.
+                self._unacked.append((self._sent, len(envelopes)))
                 envelopes.clear()
                 await send(frame.SerializeToString())
             if replies:
