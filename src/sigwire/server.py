@@ -23,6 +23,7 @@ from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier
 from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import FrameStream, Listener, TlsServerConfig
 from sigwire.transports.grpc.server import GrpcListener
+from sigwire.transports.memory import MemoryListener
 from sigwire.transports.websocket.server import WebSocketListener
 
 __all__ = ["Server"]
@@ -49,6 +50,7 @@ class Server:
         grpc: ``HOST:PORT`` to serve gRPC on (port 0 picks one), or ``unix:/path``.
         ws: ``HOST:PORT`` to serve the WebSocket fallback on (port 0 picks one).
         ws_path: The WebSocket path (default ``/sigwire/v1``).
+        memory: A name to serve in-process at ``memory://NAME`` (tests, embedding).
         name: Human-readable name published in the agent card.
         trust: Which authenticated senders are admitted (default: all).
         require_signatures: Refuse unsigned envelopes (default True).
@@ -66,6 +68,7 @@ class Server:
         grpc: str | None = None,
         ws: str | None = None,
         ws_path: str = DEFAULT_WS_PATH,
+        memory: str | None = None,
         name: str = "",
         trust: TrustPolicy | None = None,
         require_signatures: bool = True,
@@ -94,6 +97,8 @@ class Server:
             self._listeners.append(
                 WebSocketListener(self, ws, path=ws_path, tls=tls, keepalive=keepalive)
             )
+        if memory is not None:
+            self._listeners.append(MemoryListener(self, memory))
         self._sessions: dict[str, list[Session]] = {}
         self._all_sessions: set[Session] = set()
         self._card: AgentCard | None = None
@@ -111,7 +116,7 @@ class Server:
         if self._started:
             return
         if not self._listeners:
-            raise ValueError("give at least one listener address (grpc=... or ws=...)")
+            raise ValueError("give at least one listener (grpc=..., ws=... or memory=...)")
         self._started = True
         self.dispatcher.accepting = True
         try:

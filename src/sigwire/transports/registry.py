@@ -8,6 +8,7 @@ from sigwire.errors import UnsupportedSchemeError
 from sigwire.targets import Target, parse_target
 from sigwire.transports.base import Connector
 from sigwire.transports.grpc.client import GrpcConnector
+from sigwire.transports.memory import MemoryConnector
 from sigwire.transports.websocket.client import WebSocketConnector
 
 __all__ = ["Registry", "default_registry"]
@@ -67,4 +68,5 @@ def default_registry() -> Registry:
         registry.register(scheme, GrpcConnector)
     for scheme in ("ws", "wss"):
         registry.register(scheme, WebSocketConnector)
+    registry.register("memory", MemoryConnector)
     return registry
