@@ -317,9 +317,16 @@ class Dispatcher:
         return self.guard.check_and_mark(envelope)
 
     async def dispatch(
-        self, envelope: Envelope, session: SessionHooks | None = None
+        self, envelope: Envelope, session: SessionHooks | None = None, *, unary: bool = False
     ) -> AsyncIterator[Reply]:
         """Run the whole pipeline on one envelope and yield its signed replies.
+
+        Args:
+            envelope: The decoded inbound envelope.
+            session: The stream it came on, if any (a hello binds it).
+            unary: The caller can carry one reply only: refuse a streaming
+                kind (STREAMING_KIND), but only after the envelope passed
+                every check, so that unauthenticated callers learn nothing.
 
         Raises:
             SigwireError: A rejection before the handler (see :meth:`admit`).
@@ -341,6 +348,11 @@ class Dispatcher:
                 if self.buckets is not None:
                     self.buckets.take(envelope.sender)
                 handler, streams = self.handlers.get(envelope.kind)
+                if unary and streams:
+                    raise SigwireError(
+                        f"kind {envelope.kind!r} streams its replies; call SendStream",
+                        reason="STREAMING_KIND",
+                    )
             except SigwireError:
                 # The handler never ran: the same envelope may be re-sent later.
                 self.guard.release(envelope)

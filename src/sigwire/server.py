@@ -107,6 +107,7 @@ class Server:
 
     def on(self, kind: str) -> Callable[[Handler], Handler]:
         """Decorator registering a handler for ``kind`` (see :meth:`Handlers.on`)."""
+        self._card = None  # the card lists the kinds
         return self.handlers.on(kind)
 
     # -- lifecycle ---------------------------------------------------------

@@ -97,13 +97,8 @@ class _Servicer:
     async def Send(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         try:
             envelope = self._decode(request)
-            if self._streams(envelope.kind):
-                raise SigwireError(
-                    f"kind {envelope.kind!r} streams its replies; call SendStream",
-                    reason="STREAMING_KIND",
-                )
             final: Reply | None = None
-            async for reply in self.core.dispatcher.dispatch(envelope):
+            async for reply in self.core.dispatcher.dispatch(envelope, unary=True):
                 final = reply
             assert final is not None
             if not final.success and final.error is not None:
@@ -140,12 +135,6 @@ class _Servicer:
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
         return _proto.card_to_pb(self.core.card()).SerializeToString()
-
-    def _streams(self, kind: str) -> bool:
-        try:
-            return self.core.dispatcher.handlers.get(kind)[1]
-        except SigwireError:
-            return False
 
 
 def _read(path: str) -> bytes:
