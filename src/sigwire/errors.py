@@ -368,8 +368,10 @@ class NoTransportAvailableError(SigwireError):
 
     def __init__(self, attempts: Sequence[tuple[str, BaseException]]) -> None:
         self.attempts = tuple(attempts)
-        lines = "; ".join(f"{url}: {err}" for url, err in self.attempts) or "no candidates"
-        super().__init__(f"no transport available ({lines})")
+        lines = "; ".join(
+            str(err) if str(err).startswith(url) else f"{url}: {err}" for url, err in self.attempts
+        )
+        super().__init__(f"no transport available ({lines or 'no candidates'})")
 
 
 def _all_classes() -> dict[str, type[SigwireError]]:

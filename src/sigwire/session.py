@@ -30,7 +30,12 @@ from sigwire import _proto
 from sigwire._proto import pb
 from sigwire.dispatch import Dispatcher
 from sigwire.envelope import Envelope, Reply
-from sigwire.errors import ConnectionClosedError, EnvelopeError, SigwireError
+from sigwire.errors import (
+    ConnectionClosedError,
+    EnvelopeError,
+    ShuttingDownError,
+    SigwireError,
+)
 from sigwire.transports.base import FrameStream
 
 __all__ = ["GoAwayInfo", "Session", "SessionOptions"]
@@ -295,10 +300,12 @@ class Session:
             try:
                 async for reply in self.dispatcher.dispatch(envelope, self):
                     await self.send_reply(reply)
-            except ConnectionClosedError:
-                if self._closing:
+            except ConnectionClosedError as exc:
+                if self._closing or not isinstance(exc, ShuttingDownError):
                     return
-                raise
+                # Refused while draining, or cancelled after the grace period:
+                # the peer must hear it, not wait for a reply that never comes.
+                await self.send_reply(self.dispatcher.error_reply(envelope, exc))
             except SigwireError as exc:
                 await self.send_reply(self.dispatcher.error_reply(envelope, exc))
         except ConnectionClosedError:

@@ -141,14 +141,31 @@ class GrpcConnector:
         return grpc.aio.secure_channel(target.authority, credentials, options=channel_options)
 
     async def _ready(self, channel: grpc.aio.Channel, target: Target, timeout: float) -> None:
+        # Fail fast: a connection attempt that ends in TRANSIENT_FAILURE
+        # (refused, reset, not HTTP/2, TLS refused) is an answer; only a
+        # silent endpoint costs the whole timeout. A TRANSIENT_FAILURE left
+        # over from before this call is not: wait for a fresh attempt.
+        connecting = grpc.ChannelConnectivity.CONNECTING
+        failed = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        state = channel.get_state(try_to_connect=True)
+        attempted = False
         try:
             async with asyncio.timeout(timeout):
-                await channel.channel_ready()
+                while state != grpc.ChannelConnectivity.READY:
+                    if state == connecting:
+                        attempted = True
+                    elif state == failed and attempted:
+                        raise ConnectError(
+                            f"{target.url}: connection failed (refused, reset, not gRPC, "
+                            "or TLS refused)",
+                            details={"url": target.url, "state": state.name},
+                        )
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state(try_to_connect=True)
         except TimeoutError:
-            state = channel.get_state(try_to_connect=False)
             raise ConnectError(
                 f"{target.url}: not ready within {timeout:g}s (channel {state.name}; "
-                "refused, unreachable, not HTTP/2, or TLS failed)",
+                "the endpoint accepted nothing or never answered)",
                 details={"url": target.url, "state": state.name},
             ) from None
 

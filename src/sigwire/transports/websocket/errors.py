@@ -51,6 +51,10 @@ def _close_text(reason: str, message: str) -> str:
     return raw.decode(errors="ignore")
 
 
+# Close codes that websockets itself sends (without a sigwire reason text).
+_REASON_BY_CLOSE = {1001: "SHUTTING_DOWN", 1009: "PAYLOAD_TOO_LARGE", 1013: "OVERLOADED"}
+
+
 def _closed_error(exc: ConnectionClosed, where: str) -> SigwireError:
     close = exc.rcvd or exc.sent
     if close is None:
@@ -58,6 +62,8 @@ def _closed_error(exc: ConnectionClosed, where: str) -> SigwireError:
     reason, sep, message = close.reason.partition(": ")
     if sep and reason.isupper() and close.code != 1000:
         return error_from_wire(reason, message)
+    if close.code in _REASON_BY_CLOSE:
+        return error_from_wire(_REASON_BY_CLOSE[close.code], close.reason or where)
     return ConnectionClosedError(f"{where}: closed with code {close.code} {close.reason!r}".strip())
 
 

@@ -13,10 +13,12 @@ import contextlib
 import http
 import logging
 import ssl
+from collections.abc import Sequence
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from sigwire import _proto
 from sigwire.targets import DEFAULT_WS_PATH
@@ -32,6 +34,15 @@ __all__ = ["WELL_KNOWN_PATH", "WebSocketListener"]
 log = logging.getLogger("sigwire.server")
 
 WELL_KNOWN_PATH = "/.well-known/sigwire-agent.json"
+
+
+def _select_subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    for name in offered:
+        if name in (PROTO_SUBPROTOCOL, JSON_SUBPROTOCOL):
+            return name
+    return None
 
 
 class WebSocketListener:
@@ -85,6 +96,9 @@ class WebSocketListener:
             host,
             int(port),
             subprotocols=[PROTO_SUBPROTOCOL, JSON_SUBPROTOCOL],  # type: ignore[list-item]
+            # Accept the handshake even without a known subprotocol, so that
+            # _handle can close with 1002 and say which ones to offer.
+            select_subprotocol=_select_subprotocol,
             compression="deflate" if self.compression else None,
             process_request=self._http,
             max_size=limit,
