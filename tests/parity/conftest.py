@@ -11,6 +11,7 @@ import collections
 import contextlib
 import socket
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -22,8 +23,8 @@ from tests.conftest import TIMEOUT
 FAST_BACKOFF = sigwire.Backoff(initial=0.05, maximum=0.2, attempts=None)
 """Reconnect quickly and for ever (every wait in a test is bounded by TIMEOUT)."""
 
-TRANSPORTS = ("grpc", "ws")
-"""Index in ``server.urls`` of each transport: the card lists gRPC first, then WebSocket."""
+TRANSPORTS = ("grpc", "ws", "memory")
+"""Index in ``server.urls`` of each transport: the card lists gRPC, WebSocket, then memory."""
 
 
 class Probe:
@@ -108,12 +109,13 @@ MakeServer = Callable[..., Awaitable[sigwire.Server]]
 
 @pytest.fixture
 async def make_server(server_identity: sigwire.Identity, probe: Probe) -> AsyncIterator[MakeServer]:
-    """Start servers with the standard handlers, on gRPC and WebSocket, 127.0.0.1:0 each."""
+    """Start servers with the standard handlers: gRPC and WebSocket on 127.0.0.1:0, and memory."""
     servers: list[sigwire.Server] = []
 
     async def make(**options: Any) -> sigwire.Server:
         options.setdefault("grpc", "127.0.0.1:0")
         options.setdefault("ws", "127.0.0.1:0")
+        options.setdefault("memory", f"parity-{uuid.uuid4().hex}")
         identity = options.pop("identity", server_identity)
         server = sigwire.Server(identity, **options)
         install_handlers(server, probe)
@@ -136,7 +138,7 @@ async def server(make_server: MakeServer) -> sigwire.Server:
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request: pytest.FixtureRequest) -> str:
-    """The transport under test: ``"grpc"`` or ``"ws"``."""
+    """The transport under test: ``"grpc"``, ``"ws"`` or ``"memory"``."""
     name: str = request.param
     return name
 

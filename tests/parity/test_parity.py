@@ -185,7 +185,8 @@ async def test_request_during_outage_completes_after_restart(
     """A request issued while the server is down completes once it is back on the same ports."""
     first = await make_server()
     url = first.urls[TRANSPORTS.index(transport)]
-    grpc_port, ws_port = (port_of(u) for u in first.urls)
+    grpc_port, ws_port = (port_of(u) for u in first.urls[:2])
+    memory_name = first.urls[2].removeprefix("memory://")
     async with asyncio.timeout(TIMEOUT):
         async with sigwire.connect(
             url,
@@ -198,7 +199,9 @@ async def test_request_during_outage_completes_after_restart(
             assert (await peer.request("echo", b"before")).data == b"before"
             await first.stop(grace=0)
             during = asyncio.create_task(peer.request("echo", b"during", timeout=TIMEOUT))
-            second = await make_server(grpc=f"127.0.0.1:{grpc_port}", ws=f"127.0.0.1:{ws_port}")
+            second = await make_server(
+                grpc=f"127.0.0.1:{grpc_port}", ws=f"127.0.0.1:{ws_port}", memory=memory_name
+            )
             assert second.urls == first.urls
             reply = await during
             after = await peer.request("echo", b"after")
