@@ -8,9 +8,11 @@ few frames as possible (no added latency when idle: a lone message goes out
 at once).
 
 Flow control: each side may have at most ``window`` envelopes sent but not
-yet acknowledged; senders wait for acks beyond that, and a receiver runs at
-most ``window`` envelopes at once (it stops reading beyond that), so memory
-stays bounded whatever the peer does. Heartbeats: a Ping goes out after
+yet acknowledged; senders wait for acks beyond that. A receiver runs at most
+``window`` envelopes at once and acknowledges an envelope only once it has
+started, so the envelopes waiting for a slot are bounded by the sender's own
+window. The reader itself never blocks: replies the running handlers wait for
+always get through. Heartbeats: a Ping goes out after
 ``heartbeat`` seconds of silence, and a peer silent for ``heartbeat_timeout``
 seconds is declared dead.
 """
@@ -147,7 +149,11 @@ class Session:
         self._on_closed = on_closed
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._credit = _Credit(self.options.window)
-        self._inbound = asyncio.Semaphore(self.options.window)
+        # Inbound envelopes not yet started, and per envelope frame
+        # [sequence, envelopes not yet started] until it can be acked.
+        self._backlog: collections.deque[tuple[Envelope, list[int]]] = collections.deque()
+        self._unstarted: collections.deque[list[int]] = collections.deque()
+        self._serving = 0
         self._sent = 0
         # (frame sequence, envelopes in it) of frames the peer has not acked.
         self._unacked: collections.deque[tuple[int, int]] = collections.deque()
@@ -223,17 +229,22 @@ class Session:
         finally:
             self._begin_close(None)
             error = self.error
-            with contextlib.suppress(Exception):
-                # Also unblocks a reader stuck in recv().
-                await self.stream.close(
-                    error.reason if error else "", error.message if error else ""
-                )
-            for task in (reader, writer, beat, *self._tasks):
-                task.cancel()
-            await asyncio.gather(reader, writer, beat, *self._tasks, return_exceptions=True)
-            self.closed.set()
-            if self._on_closed is not None:
-                self._on_closed(self)
+            try:
+                with contextlib.suppress(Exception):
+                    # Also unblocks a reader stuck in recv().
+                    await self.stream.close(
+                        error.reason if error else "", error.message if error else ""
+                    )
+                for task in (reader, writer, beat, *self._tasks):
+                    task.cancel()
+                await asyncio.gather(reader, writer, beat, *self._tasks, return_exceptions=True)
+            finally:
+                # Even when cancelled during the cleanup above (grpc cancels the
+                # Connect handler when the client goes away), or the owner would
+                # keep a dead session registered and wait on it for ever.
+                self.closed.set()
+                if self._on_closed is not None:
+                    self._on_closed(self)
 
     def _begin_close(self, error: SigwireError | None) -> None:
         if self._closing:
@@ -267,11 +278,16 @@ class Session:
     async def _take(self, frame: pb.Frame) -> None:
         body = frame.WhichOneof("body")
         if body == "envelopes":
+            # Never block the reader: replies to our own requests may sit in
+            # later frames, and handlers may be waiting for exactly those.
+            # Envelopes beyond the window wait here; the peer cannot send more
+            # than its window unacknowledged, and envelopes waiting here are
+            # not acknowledged, so the backlog stays bounded.
+            entry = [frame.sequence, len(frame.envelopes.envelopes)]
+            self._unstarted.append(entry)
             for msg in frame.envelopes.envelopes:
-                await self._inbound.acquire()
-                task = asyncio.create_task(self._serve(_proto.envelope_from_pb(msg)))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._backlog.append((_proto.envelope_from_pb(msg), entry))
+            self._pump()
         elif body == "replies":
             for reply in frame.replies.replies:
                 self._on_reply(_proto.reply_from_pb(reply))
@@ -289,11 +305,31 @@ class Session:
             self.goaway = info
             if self._on_goaway is not None:
                 self._on_goaway(info)
-        if frame.sequence > self._received:
-            self._received = frame.sequence
-            if not self._ack_queued:
-                self._ack_queued = True
-                self._queue.put_nowait(_ACK)
+        elif frame.sequence:
+            # Taken in charge at once, but acks are cumulative: this one
+            # waits behind any earlier frame whose envelopes have not started.
+            self._unstarted.append([frame.sequence, 0])
+            self._advance_ack()
+
+    def _pump(self) -> None:
+        while self._backlog and self._serving < self.options.window:
+            envelope, entry = self._backlog.popleft()
+            entry[1] -= 1
+            self._serving += 1
+            task = asyncio.create_task(self._serve(envelope))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._advance_ack()
+
+    def _advance_ack(self) -> None:
+        unstarted = self._unstarted
+        while unstarted and unstarted[0][1] == 0:
+            sequence = unstarted.popleft()[0]
+            if sequence > self._received:
+                self._received = sequence
+                if not self._ack_queued:
+                    self._ack_queued = True
+                    self._queue.put_nowait(_ACK)
 
     async def _serve(self, envelope: Envelope) -> None:
         try:
@@ -313,7 +349,9 @@ class Session:
         except Exception:
             log.exception("%s: failed to answer envelope %s", self.name, envelope.id)
         finally:
-            self._inbound.release()
+            self._serving -= 1
+            if not self._closing:
+                self._pump()
 
     async def _writer(self) -> None:
         queue = self._queue

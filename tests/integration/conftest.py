@@ -1,0 +1,199 @@
+"""Fixtures of the gRPC integration tests: real servers on 127.0.0.1:0, raw channels, a proxy.
+
+Everything is function-scoped: grpc.aio objects belong to the event loop that
+created them, and pytest-asyncio gives every test its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc.aio
+import pytest
+
+import sigwire
+from tests.integration.helpers import TcpProxy, authority, port_of
+
+
+class Probe:
+    """What the standard handlers did, and a gate the test opens.
+
+    Attributes:
+        calls: Invocations per kind.
+        active: Handler invocations of ``slow`` running right now.
+        peak: Most ``slow`` invocations seen running at once.
+        entered: Set when a ``block`` invocation has started (``count_block``:
+            once its first part is out).
+        gate: ``block`` and ``count_block`` invocations wait for it.
+    """
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.active = 0
+        self.peak = 0
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+
+def install_handlers(server: sigwire.Server, probe: Probe) -> None:
+    """Register the kinds every integration test server serves."""
+
+    @server.on("echo")
+    async def echo(msg: sigwire.Message) -> bytes:
+        probe.calls["echo"] += 1
+        return msg.payload
+
+    @server.on("count")
+    async def count(msg: sigwire.Message) -> AsyncIterator[str]:
+        probe.calls["count"] += 1
+        for i in range(int(msg.payload)):
+            yield f"part {i}"
+
+    @server.on("crash")
+    async def crash(msg: sigwire.Message) -> bytes:
+        probe.calls["crash"] += 1
+        raise ValueError("secret internal detail")
+
+    @server.on("refuse")
+    async def refuse(msg: sigwire.Message) -> bytes:
+        probe.calls["refuse"] += 1
+        raise sigwire.ApplicationError("nope", reason="TASK_NOT_FOUND")
+
+    @server.on("block")
+    async def block(msg: sigwire.Message) -> bytes:
+        probe.calls["block"] += 1
+        probe.entered.set()
+        await probe.gate.wait()
+        return b"released " + msg.payload
+
+    @server.on("count_block")
+    async def count_block(msg: sigwire.Message) -> AsyncIterator[str]:
+        probe.calls["count_block"] += 1
+        yield "part 0"
+        probe.entered.set()
+        await probe.gate.wait()
+        yield "part 1"
+
+    @server.on("partial")
+    async def partial(msg: sigwire.Message) -> AsyncIterator[str]:
+        probe.calls["partial"] += 1
+        yield "part 0"
+        raise sigwire.ApplicationError("quota used up", reason="QUOTA_EXCEEDED")
+
+    @server.on("hang")
+    async def hang(msg: sigwire.Message) -> bytes:
+        probe.calls["hang"] += 1
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+    @server.on("counted")
+    async def counted(msg: sigwire.Message) -> str:
+        probe.calls["counted"] += 1
+        return f"run {probe.calls['counted']}"
+
+    @server.on("slow")
+    async def slow(msg: sigwire.Message) -> bytes:
+        probe.calls["slow"] += 1
+        probe.active += 1
+        probe.peak = max(probe.peak, probe.active)
+        try:
+            # Simulated work, long enough for requests to pile up; not a wait for state.
+            await asyncio.sleep(0.02)
+        finally:
+            probe.active -= 1
+        return msg.payload
+
+
+@pytest.fixture
+def server_identity() -> sigwire.Identity:
+    """The identity of the test server."""
+    return sigwire.Identity.generate()
+
+
+@pytest.fixture
+def client_identity() -> sigwire.Identity:
+    """The identity of the well-behaved test client."""
+    return sigwire.Identity.generate()
+
+
+@pytest.fixture
+def probe() -> Probe:
+    """Observations of the standard handlers, shared by every server of a test."""
+    return Probe()
+
+
+MakeServer = Callable[..., Awaitable[sigwire.Server]]
+
+
+@pytest.fixture
+async def make_server(server_identity: sigwire.Identity, probe: Probe) -> AsyncIterator[MakeServer]:
+    """Start servers with the standard handlers; ``grpc=`` defaults to 127.0.0.1:0."""
+    servers: list[sigwire.Server] = []
+
+    async def make(**options: Any) -> sigwire.Server:
+        options.setdefault("grpc", "127.0.0.1:0")
+        identity = options.pop("identity", server_identity)
+        server = sigwire.Server(identity, **options)
+        install_handlers(server, probe)
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield make
+    probe.gate.set()
+    for server in servers:
+        await server.stop(grace=0)
+        # A stopped server lists nobody: every session ended and unregistered.
+        assert server.connected() == []
+
+
+@pytest.fixture
+async def server(make_server: MakeServer) -> sigwire.Server:
+    """A plaintext server with the standard handlers and default limits."""
+    return await make_server()
+
+
+OpenChannel = Callable[[str], grpc.aio.Channel]
+
+
+@pytest.fixture
+async def open_channel() -> AsyncIterator[OpenChannel]:
+    """Plain grpc.aio channels to a ``grpc://`` URL, closed after the test."""
+    channels: list[grpc.aio.Channel] = []
+
+    def open_(url: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(authority(url))
+        channels.append(channel)
+        return channel
+
+    yield open_
+    for channel in channels:
+        await channel.close(grace=None)
+
+
+@pytest.fixture
+async def channel(server: sigwire.Server, open_channel: OpenChannel) -> grpc.aio.Channel:
+    """A plain grpc.aio channel to ``server``."""
+    return open_channel(server.urls[0])
+
+
+MakeProxy = Callable[[str], Awaitable[TcpProxy]]
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[MakeProxy]:
+    """Listening TCP proxies to a ``grpc://`` URL, closed after the test."""
+    proxies: list[TcpProxy] = []
+
+    async def make(url: str) -> TcpProxy:
+        proxy = TcpProxy(port_of(url))
+        proxies.append(proxy)
+        await proxy.listen()
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.aclose()
