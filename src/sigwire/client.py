@@ -26,6 +26,7 @@ from sigwire.envelope import AgentCard, Envelope, Reply
 from sigwire.errors import (
     ConnectionClosedError,
     DeadlineExceededError,
+    MessageTooLargeError,
     NoTransportAvailableError,
     SigwireError,
 )
@@ -117,6 +118,7 @@ class Peer:
         self.reconnects = 0
         self.learn_endpoints = learn_endpoints
         self.card: AgentCard | None = None
+        self.peer_max_message_size: int | None = None
         self._learning: asyncio.Task[None] | None = None
         self._session: Session | None = None
         self._ready = asyncio.Event()
@@ -212,6 +214,8 @@ class Peer:
             raise
         session.bind(reply.responder)
         self.server_did = reply.responder
+        with contextlib.suppress(ValueError):
+            self.peer_max_message_size = int(reply.data or b"0") or None
         self.target = target
         self._session = session
         await self._resend(session)
@@ -272,6 +276,11 @@ class Peer:
         extra: Mapping[str, Any],
     ) -> Envelope:
         data = payload.encode() if isinstance(payload, str) else payload
+        # Refuse here what the agent would refuse: an envelope over its limit
+        # would otherwise reset the stream on every re-send.
+        limit = self.peer_max_message_size or self.options.max_message_size
+        if len(data) > limit:
+            raise MessageTooLargeError(len(data), limit)
         return self.identity.sign_envelope(
             Envelope.new(
                 kind,
@@ -322,6 +331,7 @@ class Peer:
 
         Raises:
             DeadlineExceededError: No reply in time.
+            MessageTooLargeError: The payload exceeds the agent's limit (checked locally).
             ConnectionClosedError: The connection is gone for good.
             SigwireError: The agent's error, as its specific class (remote=True).
         """

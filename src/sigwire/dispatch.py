@@ -335,7 +335,8 @@ class Dispatcher:
         if envelope.kind == HELLO_KIND:
             if session is not None:
                 session.bind(envelope.sender)
-            yield self.reply(envelope, b"")
+            # The hello reply tells the peer our size limit, before it sends anything.
+            yield self.reply(envelope, str(self.limits.max_message_size))
             return
         key = (envelope.sender, envelope.id)
         entry = self.cache.get(key)
@@ -419,6 +420,10 @@ class Dispatcher:
             data = bytes(result)
         else:
             raise TypeError(f"a handler returns bytes, str or None, not {type(result).__name__}")
+        if len(data) > self.limits.max_message_size:
+            # The peer would refuse the frame and the stream would reset on
+            # every re-send; _produce answers with this error instead.
+            raise MessageTooLargeError(len(data), self.limits.max_message_size)
         return self.identity.sign_reply(
             Reply(
                 request_id=envelope.id,

@@ -35,18 +35,32 @@ from sigwire.envelope import Envelope, Reply
 from sigwire.errors import (
     ConnectionClosedError,
     EnvelopeError,
+    OverloadedError,
     ShuttingDownError,
     SigwireError,
 )
 from sigwire.transports.base import FrameStream
 
-__all__ = ["GoAwayInfo", "Session", "SessionOptions"]
+__all__ = ["GoAwayInfo", "Session", "SessionOptions", "max_frame_size"]
 
 log = logging.getLogger("sigwire.session")
 
 _BATCH_MESSAGES: Final = 128
 _BATCH_BYTES: Final = 256 * 1024
 _FLUSH_TIMEOUT: Final = 2.0
+
+
+def max_frame_size(max_message_size: int) -> int:
+    """The largest serialized Frame to accept when each message fits ``max_message_size``.
+
+    The writer batches queued messages into one frame until their payloads pass
+    ``_BATCH_BYTES``, so a frame of valid messages may carry that much on top of
+    two messages at the limit (the first and the last), plus the other fields of
+    up to ``_BATCH_MESSAGES`` messages. A receiver accepting less would reject
+    legitimate batches, and since the sender re-sends after reconnecting, it
+    would reject them again on every new stream.
+    """
+    return 2 * max_message_size + _BATCH_BYTES + 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -287,6 +301,12 @@ class Session:
             self._unstarted.append(entry)
             for msg in frame.envelopes.envelopes:
                 self._backlog.append((_proto.envelope_from_pb(msg), entry))
+            if len(self._backlog) > 2 * self.options.window:
+                # Only a peer that ignores its window gets here.
+                raise OverloadedError(
+                    f"peer sent {len(self._backlog)} envelopes beyond the window of "
+                    f"{self.options.window} it was granted"
+                )
             self._pump()
         elif body == "replies":
             for reply in frame.replies.replies:

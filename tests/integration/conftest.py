@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc.aio
 import pytest
 
 import sigwire
-from tests.integration.helpers import TcpProxy, authority, port_of
+from tests.integration.helpers import TcpProxy, authority, dead_socket, port_of
 
 
 class Probe:
@@ -197,3 +197,10 @@ async def make_proxy() -> AsyncIterator[MakeProxy]:
     yield make
     for proxy in proxies:
         await proxy.aclose()
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A grpc:// URL of a socket bound to 127.0.0.1:0 that never listens: refused at once."""
+    with dead_socket() as sock:
+        yield f"grpc://127.0.0.1:{sock.getsockname()[1]}"

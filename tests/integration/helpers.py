@@ -8,7 +8,7 @@ import dataclasses
 import datetime
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +351,7 @@ def make_certs(directory: Path) -> Certs:
 
 
 @contextlib.contextmanager
-def dead_socket() -> Any:
+def dead_socket() -> Iterator[socket.socket]:
     """A socket bound to 127.0.0.1:0 that never listens: connecting is refused."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:

@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sigwire
+from sigwire._proto import pb
 from tests.conftest import TIMEOUT
 from tests.integration.conftest import MakeProxy, MakeServer, OpenChannel, Probe
 from tests.integration.helpers import (
@@ -340,3 +341,76 @@ async def test_handlers_calling_back_their_client_with_a_full_window(
 
             replies = await asyncio.gather(*(peer.request("relay", f"{i}") for i in range(3)))
     assert [r.data for r in replies] == [f"answer {i}".encode() for i in range(3)]
+
+
+async def test_batches_of_small_envelopes_fit_a_small_limit(make_server: MakeServer) -> None:
+    """Envelopes each within a small max_message_size are accepted however they are batched."""
+    server = await make_server(limits=sigwire.Limits(max_message_size=1024))
+    async with asyncio.timeout(TIMEOUT):
+        async with sigwire.connect(server.urls[0], learn_endpoints=False) as peer:
+            # Sent at once, they leave in one frame of about 100 KB.
+            replies = await asyncio.gather(
+                *(peer.request("echo", b"%04d" % i + b"x" * 996) for i in range(100))
+            )
+    assert [r.data[:4] for r in replies] == [b"%04d" % i for i in range(100)]
+    assert peer.reconnects == 0
+
+
+async def test_oversized_envelope_fails_alone(make_server: MakeServer) -> None:
+    """An envelope far over the server's limit fails by itself; the stream survives."""
+    server = await make_server(limits=sigwire.Limits(max_message_size=1024))
+    async with asyncio.timeout(TIMEOUT):
+        async with sigwire.connect(server.urls[0], backoff=FAST_BACKOFF) as peer:
+            with pytest.raises(sigwire.MessageTooLargeError):
+                await peer.request("echo", b"x" * 1_000_000, timeout=2)
+            assert (await peer.request("echo", b"small")).data == b"small"
+    assert peer.reconnects == 0
+
+
+async def test_oversized_reply_becomes_an_error_reply(make_server: MakeServer) -> None:
+    """A handler answer over the limit is refused as PAYLOAD_TOO_LARGE; the stream survives."""
+    server = await make_server(limits=sigwire.Limits(max_message_size=1024))
+
+    @server.on("big")
+    async def big(msg: sigwire.Message) -> bytes:
+        return b"x" * 2048
+
+    async with asyncio.timeout(TIMEOUT):
+        async with sigwire.connect(server.urls[0], backoff=FAST_BACKOFF) as peer:
+            with pytest.raises(sigwire.MessageTooLargeError) as caught:
+                await peer.request("big")
+            assert caught.value.remote
+            assert (await peer.request("echo", b"small")).data == b"small"
+    assert peer.reconnects == 0
+
+
+async def test_peer_ignoring_its_window_is_closed_as_overloaded(
+    make_server: MakeServer, open_channel: OpenChannel
+) -> None:
+    """A raw client that sends far more envelopes than its window gets OVERLOADED, not memory."""
+    server = await make_server(
+        limits=sigwire.Limits(window=2), session=sigwire.SessionOptions(window=2)
+    )
+    channel = open_channel(server.urls[0])
+    call = channel.stream_stream("/sigwire.v1.AgentTransport/Connect")()
+    flood = pb.Frame(
+        sequence=50,
+        envelopes=pb.EnvelopeBatch(envelopes=[pb.Envelope(id=str(i)) for i in range(50)]),
+    )
+    async with asyncio.timeout(TIMEOUT):
+        await call.write(flood.SerializeToString())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _read_until_error(call)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "beyond the window" in (caught.value.details() or "")
+    assert (await _echo_once(server)) == b"still here"
+
+
+async def _read_until_error(call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
+    while True:
+        await call.read()
+
+
+async def _echo_once(server: sigwire.Server) -> bytes:
+    async with sigwire.connect(server.urls[0]) as peer:
+        return (await peer.request("echo", b"still here")).data

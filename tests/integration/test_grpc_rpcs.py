@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc.aio
 import pytest
@@ -13,7 +14,7 @@ import sigwire
 from sigwire import _proto
 from sigwire_pb.v1 import transport_pb2
 from tests.conftest import TIMEOUT
-from tests.integration.conftest import Probe
+from tests.integration.conftest import MakeServer, Probe
 from tests.integration.helpers import envelope, stub, to_pb, verify_reply
 
 SERVICE = "sigwire.v1.AgentTransport"
@@ -110,6 +111,20 @@ async def test_reflection_lists_agent_transport(channel: grpc.aio.Channel) -> No
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
 
+async def test_unix_socket_listener(make_server: MakeServer, tmp_path: Path) -> None:
+    """A server on unix:PATH serves requests, health and its card at unix://PATH."""
+    server = await make_server(grpc=f"unix:{tmp_path}/agent.sock")
+    assert server.urls == [f"unix://{tmp_path}/agent.sock"]
+    async with asyncio.timeout(TIMEOUT):
+        async with sigwire.connect(server.urls[0]) as peer:
+            reply = await peer.request("echo", b"local")
+            health = await peer.health()
+            card = await peer.describe()
+    assert reply.data == b"local"
+    assert health.status == "SERVING"
+    assert card.endpoints == tuple(server.urls)
+
+
 async def test_concurrent_requests_are_correlated(server: sigwire.Server, probe: Probe) -> None:
     """100 concurrent requests on one peer each get the reply to their own payload."""
     async with asyncio.timeout(TIMEOUT):
@@ -169,6 +184,23 @@ async def test_push_to_a_crashing_client_handler_is_handler_error(
     assert caught.value.reason == "HANDLER_FAILED"
     assert len(caught.value.error_id) >= 8
     assert "client bug" not in str(caught.value)
+
+
+async def test_dead_target_is_refused_and_the_next_url_is_used(
+    server: sigwire.Server, dead_url: str
+) -> None:
+    """A refused URL fails with ConnectError at once; given a list, the next URL is used."""
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(sigwire.NoTransportAvailableError) as caught:
+            # Refusal is an answer: waiting out connect_timeout would trip TIMEOUT.
+            await sigwire.connect(dead_url, connect_timeout=2 * TIMEOUT)
+        async with sigwire.connect([dead_url, server.urls[0]], connect_timeout=2 * TIMEOUT) as peer:
+            reply = await peer.request("echo", b"fallback")
+    [(url, error)] = caught.value.attempts
+    assert url == dead_url
+    assert isinstance(error, sigwire.ConnectError)
+    assert reply.data == b"fallback"
+    assert peer.url == server.urls[0]
 
 
 async def test_pinned_did_mismatch_refuses_the_connection(server: sigwire.Server) -> None:

@@ -16,6 +16,7 @@ from websockets.typing import Subprotocol
 
 import sigwire
 from sigwire import _proto
+from sigwire.session import max_frame_size
 from tests.conftest import TIMEOUT
 from tests.parity.conftest import MakeServer, Probe, http_get, port_of
 
@@ -112,7 +113,7 @@ async def test_raw_json_client_gets_a_verifiable_reply(
         pytest.param(JSON, "{not json", 1007, "MALFORMED", id="invalid-json"),
         pytest.param(JSON, '{"noSuchField": 1}', 1007, "MALFORMED", id="json-not-a-frame"),
         pytest.param(PROTO, b"\xff\xff\xff\xff", 1007, "MALFORMED", id="undecodable-proto"),
-        pytest.param(PROTO, b"\x00" * 200_000, 1009, "", id="oversized"),
+        pytest.param(PROTO, b"\x00" * (max_frame_size(1024) + 1), 1009, "", id="oversized"),
     ],
 )
 async def test_bad_message_closes_with_its_code(

@@ -144,15 +144,18 @@ class GrpcConnector:
         # Fail fast: a connection attempt that ends in TRANSIENT_FAILURE
         # (refused, reset, not HTTP/2, TLS refused) is an answer; only a
         # silent endpoint costs the whole timeout. A TRANSIENT_FAILURE left
-        # over from before this call is not: wait for a fresh attempt.
-        connecting = grpc.ChannelConnectivity.CONNECTING
+        # over from before this call is not: wait for a fresh attempt. From
+        # IDLE, get_state(try_to_connect=True) starts one, and a refusal may
+        # take the channel straight to TRANSIENT_FAILURE, never showing
+        # CONNECTING; and once there, pick_first stays there while it retries.
+        starting = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
         failed = grpc.ChannelConnectivity.TRANSIENT_FAILURE
         state = channel.get_state(try_to_connect=True)
         attempted = False
         try:
             async with asyncio.timeout(timeout):
                 while state != grpc.ChannelConnectivity.READY:
-                    if state == connecting:
+                    if state in starting:
                         attempted = True
                     elif state == failed and attempted:
                         raise ConnectError(

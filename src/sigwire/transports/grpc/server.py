@@ -23,11 +23,11 @@ from sigwire import _proto
 from sigwire.envelope import Envelope, Reply
 from sigwire.errors import (
     ConnectionClosedError,
-    EnvelopeError,
     MessageTooLargeError,
     SigwireError,
     error_from_wire,
 )
+from sigwire.session import max_frame_size
 from sigwire.transports.base import ServerCore, TlsServerConfig
 from sigwire.transports.grpc.errors import abort_args
 
@@ -41,9 +41,9 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-s
 
 def grpc_options(max_message_size: int, keepalive: float) -> list[tuple[str, int]]:
     """Channel/server options shared by both ends."""
-    # Frames carry an envelope plus its fields; leave room above the payload
-    # limit so that sigwire, not grpc, reports PAYLOAD_TOO_LARGE with details.
-    frame_limit = 2 * max_message_size + 64 * 1024
+    # Frames carry batches of envelopes plus their fields; leave room above the
+    # payload limit so that sigwire, not grpc, reports PAYLOAD_TOO_LARGE with details.
+    frame_limit = max_frame_size(max_message_size)
     return [
         ("grpc.max_receive_message_length", frame_limit),
         ("grpc.max_send_message_length", frame_limit),
@@ -125,11 +125,14 @@ class _Servicer:
     async def Connect(
         self, request_iterator: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> None:
-        stream = _ServerStream(context, 2 * self.limit + 64 * 1024)
+        stream = _ServerStream(context, max_frame_size(self.limit))
         session = self.core.new_session(stream, f"grpc {context.peer()}")
         await session.run()
-        if session.error is not None and session.error.reason == EnvelopeError.default_reason:
-            await context.abort(*abort_args(session.error))
+        error = session.error
+        if error is not None and not isinstance(error, ConnectionClosedError):
+            # The peer broke the protocol (undecodable frame, ignored window):
+            # say why in the status, as for any other call.
+            await context.abort(*abort_args(error))
 
     async def Describe(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]

@@ -14,6 +14,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketExcepti
 from sigwire import _proto
 from sigwire.envelope import AgentCard
 from sigwire.errors import ConnectError, EnvelopeError
+from sigwire.session import max_frame_size
 from sigwire.targets import Target
 from sigwire.transports.base import ClientOptions, Health, TlsClientConfig
 from sigwire.transports.websocket.errors import PROTO_SUBPROTOCOL, WebSocketStream
@@ -48,7 +49,7 @@ class WebSocketConnector:
     """Opens Connect streams over WebSocket (``ws://`` and ``wss://``)."""
 
     async def _connect(self, target: Target, options: ClientOptions) -> WebSocketStream:
-        limit = 2 * options.max_message_size + 64 * 1024
+        limit = max_frame_size(options.max_message_size)
         tls = options.tls
         try:
             ws = await connect(

@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from sigwire import _proto
+from sigwire.session import max_frame_size
 from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import ServerCore, TlsServerConfig
 from sigwire.transports.websocket.errors import (
@@ -83,7 +84,7 @@ class WebSocketListener:
         """Bind and serve; returns the bound URL (e.g. ``ws://127.0.0.1:8765/sigwire/v1``)."""
         host, _, port = self.address.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
-        limit = 2 * self.core.dispatcher.limits.max_message_size + 64 * 1024
+        limit = max_frame_size(self.core.dispatcher.limits.max_message_size)
         context = None
         if self.tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
