@@ -175,6 +175,15 @@ def test_serve_ws_and_send_falls_back_to_it(tmp_path: Path, env: dict[str, str])
             )  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         assert sent.stdout == "via ws"
+        ping = _sigwire("ping", ws_url, "--count", "2", env=env)
+        assert ping.returncode == 0, ping.stderr
+        assert "SERVING" in ping.stdout
+        described = _sigwire("describe", ws_url, env=env)
+        assert described.returncode == 0, described.stderr
+        assert json.loads(described.stdout)["endpoints"] == [
+            f"grpc://127.0.0.1:{grpc_port}",
+            ws_url,
+        ]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
     finally:
