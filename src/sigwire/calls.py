@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from sigwire.envelope import Envelope, Reply
 from sigwire.errors import SigwireError, error_from_wire
@@ -23,13 +24,22 @@ class PendingCall:
         sent_on: The session it was last sent on (re-sent on a new one).
     """
 
-    __slots__ = ("_queue", "envelope", "expected_responder", "next_sequence", "sent_on")
+    __slots__ = (
+        "_queue",
+        "envelope",
+        "expected_responder",
+        "next_sequence",
+        "on_final",
+        "sent_on",
+    )
 
     def __init__(self, envelope: Envelope, expected_responder: str | None) -> None:
         self.envelope = envelope
         self.expected_responder = expected_responder
         self.next_sequence = 0
         self.sent_on: object = None
+        # Called with the final verified reply (for pushes nobody awaits).
+        self.on_final: Callable[[Reply], None] | None = None
         self._queue: asyncio.Queue[Reply | SigwireError] = asyncio.Queue()
 
     async def next(self) -> Reply:
@@ -103,6 +113,8 @@ class Correlator:
         call._queue.put_nowait(reply)
         if reply.final:
             self.discard(call)
+            if call.on_final is not None:
+                call.on_final(reply)
 
     def fail_all(self, error: SigwireError) -> None:
         """Fail every pending call at once (the connection is gone for good)."""

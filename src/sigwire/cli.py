@@ -77,6 +77,7 @@ async def _serve(args: argparse.Namespace) -> int:
         trust=load_allow_list(args.trust) if args.trust else None,
         limits=Limits(max_message_size=args.max_message_size),
         tls=tls,
+        store=args.store,
     )
     if args.app:
         _load_app(args.app)(server)
@@ -244,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="callable taking the Server and registering handlers (default: echo, count)",
     )
     serve.add_argument("--grace", type=float, default=10.0, help="drain time on shutdown")
+    serve.add_argument(
+        "--store",
+        type=Path,
+        metavar="PATH",
+        help="SQLite file keeping the push outbox and reply cache across restarts",
+    )
     serve.set_defaults(run=_serve)
 
     send = commands.add_parser("send", help="send a signed request and print the reply data")

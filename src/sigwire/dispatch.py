@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeAlias
 
+from sigwire import _proto
 from sigwire.envelope import Envelope, Message, Reply, ReplyError, now_ms
 from sigwire.errors import (
     HandlerError,
@@ -33,6 +34,7 @@ from sigwire.errors import (
     SigwireError,
 )
 from sigwire.signing import Identity, ReplayGuard, Verifier
+from sigwire.store import SqliteStore
 
 __all__ = [
     "HELLO_KIND",
@@ -69,6 +71,7 @@ class Limits:
         max_concurrent_streams: Concurrent gRPC streams per connection.
         reply_cache_size: Answers remembered for idempotent retries.
         reply_cache_ttl: How long they are remembered, in seconds.
+        outbox_size: Pushes waiting per agent (offline or reconnecting).
     """
 
     max_message_size: int = 4 * 1024 * 1024
@@ -78,6 +81,7 @@ class Limits:
     max_concurrent_streams: int = 100
     reply_cache_size: int = 50_000
     reply_cache_ttl: float = 660.0
+    outbox_size: int = 1000
 
 
 class Handlers:
@@ -200,9 +204,10 @@ class ReplyCache:
     running it again; an answer still being computed is never evicted.
     """
 
-    def __init__(self, size: int, ttl: float) -> None:
+    def __init__(self, size: int, ttl: float, store: SqliteStore | None = None) -> None:
         self.size = size
         self.ttl = ttl
+        self.store = store
         self._entries: collections.OrderedDict[tuple[str, str], _Answer] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -213,7 +218,15 @@ class ReplyCache:
         entry = self._entries.get(key)
         if entry is not None and entry.done and entry.expires < time.monotonic():
             del self._entries[key]
-            return None
+            entry = None
+        if entry is None and self.store is not None:
+            stored = self.store.get_answer(*key)
+            if stored is not None:
+                # Answered before a restart: serve it, never run the handler again.
+                entry = _Answer()
+                entry.replies = [_proto.decode_reply(data) for data in stored]
+                self.finish(entry, persist=False)
+                self._entries[key] = entry
         return entry
 
     def begin(self, key: tuple[str, str]) -> _Answer:
@@ -223,9 +236,14 @@ class ReplyCache:
         self._evict()
         return entry
 
-    def finish(self, entry: _Answer) -> None:
+    def finish(
+        self, entry: _Answer, key: tuple[str, str] | None = None, *, persist: bool = True
+    ) -> None:
         """Mark an entry complete; it expires ``ttl`` seconds from now."""
         entry.expires = time.monotonic() + self.ttl
+        if persist and key is not None and self.store is not None:
+            data = [_proto.reply_to_pb(reply).SerializeToString() for reply in entry.replies]
+            self.store.put_answer(key[0], key[1], data, self.ttl)
         entry.close()
 
     def abandon(self, key: tuple[str, str], entry: _Answer) -> None:
@@ -268,6 +286,7 @@ class Dispatcher:
         verifier: Signature and trust checks.
         guard: Replay window and nonce cache.
         limits: Size and rate limits, reply cache bounds.
+        store: Keeps answers across restarts (see :mod:`sigwire.store`).
     """
 
     def __init__(
@@ -278,13 +297,14 @@ class Dispatcher:
         verifier: Verifier | None = None,
         guard: ReplayGuard | None = None,
         limits: Limits | None = None,
+        store: SqliteStore | None = None,
     ) -> None:
         self.identity = identity
         self.handlers = handlers
         self.verifier = verifier or Verifier()
         self.guard = guard or ReplayGuard()
         self.limits = limits or Limits()
-        self.cache = ReplyCache(self.limits.reply_cache_size, self.limits.reply_cache_ttl)
+        self.cache = ReplyCache(self.limits.reply_cache_size, self.limits.reply_cache_ttl, store)
         self.buckets = (
             TokenBuckets(self.limits.rate, self.limits.burst) if self.limits.rate else None
         )
@@ -405,7 +425,7 @@ class Dispatcher:
             self.cache.abandon(key, entry)
             raise
         self.handled += 1
-        self.cache.finish(entry)
+        self.cache.finish(entry, key)
 
     def reply(
         self, envelope: Envelope, result: HandlerResult, *, sequence: int = 0, final: bool = True

@@ -21,6 +21,7 @@ Every error sigwire raises derives from :class:`SigwireError`::
         * KindUnknownError              no handler for the kind (KIND_UNKNOWN)
         * RateLimitedError              .retry_after seconds (RATE_LIMITED)
         * OverloadedError               a bounded resource is full (OVERLOADED)
+        * PushExpiredError              a push nobody answered in time (PUSH_EXPIRED)
         * HandlerError                  the handler crashed; .error_id (HANDLER_FAILED)
         * ApplicationError              a handler's own refusal, any .reason
         * TransportError                expected in normal operation
@@ -60,6 +61,7 @@ __all__ = [
     "MisdirectedError",
     "NoTransportAvailableError",
     "OverloadedError",
+    "PushExpiredError",
     "RateLimitedError",
     "RemoteError",
     "ReplayError",
@@ -294,6 +296,12 @@ class OverloadedError(SigwireError):
     """A bounded resource (in-flight window, replay cache, outbox) is full."""
 
     default_reason = "OVERLOADED"
+
+
+class PushExpiredError(SigwireError):
+    """A push whose agent neither came back nor answered in time; it was withdrawn."""
+
+    default_reason = "PUSH_EXPIRED"
 
 
 class HandlerError(SigwireError):

@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Self
 
-from sigwire.calls import Correlator
+from sigwire import _proto
+from sigwire.calls import Correlator, PendingCall
 from sigwire.dispatch import Dispatcher, Handler, Handlers, Limits
 from sigwire.envelope import AgentCard, Envelope, Reply, now_ms
 from sigwire.errors import (
-    ConnectError,
     ConnectionClosedError,
-    DeadlineExceededError,
+    OverloadedError,
+    PushExpiredError,
     ShuttingDownError,
 )
 from sigwire.session import Session, SessionOptions
 from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier
+from sigwire.store import SqliteStore
 from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import FrameStream, Listener, TlsServerConfig
 from sigwire.transports.grpc.server import GrpcListener
@@ -59,6 +62,8 @@ class Server:
         tls: Certificate and key: serve ``grpcs://``/``wss://`` instead of ``grpc://``/``ws://``.
         keepalive: Seconds between HTTP/2 keepalive pings.
         replay_guard: Replay window and nonce cache (default: 5 min back, 30 s ahead).
+        store: A SQLite file (or :class:`~sigwire.store.SqliteStore`) keeping the
+            push outbox and the reply cache across restarts; default: memory.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class Server:
         tls: TlsServerConfig | None = None,
         keepalive: float = 20.0,
         replay_guard: ReplayGuard | None = None,
+        store: str | os.PathLike[str] | SqliteStore | None = None,
     ) -> None:
         self.identity = identity
         self.name = name
@@ -84,8 +90,14 @@ class Server:
         self.limits = limits or Limits()
         self.session_options = session or SessionOptions(window=self.limits.window)
         self.verifier = Verifier(trust, require_signatures=require_signatures)
+        self.store = SqliteStore(store) if isinstance(store, str | os.PathLike) else store
         self.dispatcher = Dispatcher(
-            identity, self.handlers, verifier=self.verifier, guard=replay_guard, limits=self.limits
+            identity,
+            self.handlers,
+            verifier=self.verifier,
+            guard=replay_guard,
+            limits=self.limits,
+            store=self.store,
         )
         self.correlator = Correlator(self.verifier)
         self.urls: list[str] = []
@@ -102,6 +114,9 @@ class Server:
         self._sessions: dict[str, list[Session]] = {}
         self._all_sessions: set[Session] = set()
         self._card: AgentCard | None = None
+        self._outboxes: dict[str, dict[str, PendingCall]] = {}
+        self._delivering: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._started = False
 
@@ -126,6 +141,7 @@ class Server:
             await self.stop(grace=0)
             raise
         self._card = None
+        self._restore_outbox()
         log.info("sigwire agent %s serving on %s", self.identity.did, ", ".join(self.urls))
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -152,6 +168,8 @@ class Server:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         self.correlator.fail_all(ShuttingDownError("the server is shutting down"))
+        for task in list(self._background):
+            task.cancel()
         gone = ShuttingDownError("the agent is shutting down")
         closing = [session.close(gone) for session in list(self._all_sessions)]
         with contextlib.suppress(TimeoutError):
@@ -159,6 +177,9 @@ class Server:
                 await asyncio.gather(*closing, return_exceptions=True)
         for listener in self._listeners:
             await listener.stop(grace=0.5)
+        self._outboxes.clear()
+        if self.store is not None:
+            self.store.prune()
         self._stopped.set()
         log.info("sigwire agent %s stopped", self.identity.did)
 
@@ -211,6 +232,10 @@ class Server:
 
     def _bound(self, session: Session, did: str) -> None:
         self._sessions.setdefault(did, []).append(session)
+        if did in self._outboxes:
+            task = asyncio.create_task(self._deliver(did))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _gone(self, session: Session) -> None:
         self._all_sessions.discard(session)
@@ -239,18 +264,22 @@ class Server:
         context_id: str = "",
         task_id: str = "",
     ) -> Reply:
-        """Send a signed envelope to a connected agent and wait for its signed reply.
+        """Send a signed envelope to an agent and wait for its signed reply.
+
+        The envelope goes into the agent's outbox first, so an agent that is
+        offline or reconnecting still gets it: pushes are delivered in order,
+        on whichever Connect stream the agent opens next, until ``timeout``.
+        An agent that comes back runs each push once (a re-sent push is
+        answered from its reply cache). With a store, the outbox survives a
+        restart of this server: a push still unanswered when the server stops
+        (or dies) is delivered after the restart, though its pusher, gone with
+        the old process, no longer hears the reply.
 
         Raises:
-            ConnectError: No Connect stream from ``did`` is open.
-            DeadlineExceededError: No reply within ``timeout``.
-            ConnectionClosedError: The stream closed before the reply.
+            OverloadedError: The agent's outbox is full (``Limits.outbox_size``).
+            PushExpiredError: No reply within ``timeout``; the push is withdrawn.
             SigwireError: The agent's error reply, as its specific class.
         """
-        sessions = [s for s in self._sessions.get(did, ()) if s.is_open]
-        if not sessions:
-            raise ConnectError(f"agent {did} is not connected", details={"did": did})
-        session = sessions[-1]
         envelope = self.identity.sign_envelope(
             Envelope.new(
                 kind,
@@ -264,23 +293,75 @@ class Server:
                 role="agent",
             )
         )
-        call = self.correlator.add(envelope, expected_responder=did)
+        call = self._enqueue(did, envelope, now_ms() + int(timeout * 1000))
         try:
+            await self._deliver(did)
             async with asyncio.timeout(timeout):
-                await session.send_envelope(envelope)
-                waiter = asyncio.ensure_future(call.next())
-                closed = asyncio.ensure_future(session.closed.wait())
-                try:
-                    done, _ = await asyncio.wait(
-                        (waiter, closed), return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    closed.cancel()
-                if waiter not in done:
-                    waiter.cancel()
-                    raise ConnectionClosedError(f"agent {did} disconnected before replying")
-                return waiter.result()
+                return await call.next()
         except TimeoutError:
-            raise DeadlineExceededError(f"no reply from {did} within {timeout:g}s") from None
+            raise PushExpiredError(
+                f"{did} did not answer {kind!r} within {timeout:g}s; the push was withdrawn",
+                details={"did": did, "id": envelope.id},
+            ) from None
         finally:
-            self.correlator.discard(call)
+            self._withdraw(did, call)
+
+    def _enqueue(self, did: str, envelope: Envelope, expires_ms: int) -> PendingCall:
+        outbox = self._outboxes.setdefault(did, {})
+        if len(outbox) >= self.limits.outbox_size:
+            raise OverloadedError(
+                f"the outbox for {did} is full ({self.limits.outbox_size} pushes)",
+                details={"did": did},
+            )
+        call = self.correlator.add(envelope, expected_responder=did)
+        outbox[envelope.id] = call
+        if self.store is not None:
+            data = _proto.envelope_to_pb(envelope).SerializeToString()
+            self.store.add_push(did, envelope.id, data, expires_ms)
+        return call
+
+    def _withdraw(self, did: str, call: PendingCall) -> None:
+        self.correlator.discard(call)
+        outbox = self._outboxes.get(did)
+        if outbox is not None and outbox.pop(call.envelope.id, None) is not None:
+            if not outbox:
+                del self._outboxes[did]
+            # Stopping is not withdrawing: a stored push is delivered after the
+            # restart, exactly as if the process had been killed.
+            if self.store is not None and self._started:
+                self.store.remove_push(call.envelope.id)
+
+    async def _deliver(self, did: str) -> None:
+        """Send every push of ``did``'s outbox not yet sent on its current stream, in order."""
+        lock = self._delivering.setdefault(did, asyncio.Lock())
+        async with lock:
+            outbox = self._outboxes.get(did)
+            sessions = [s for s in self._sessions.get(did, ()) if s.is_open]
+            if not outbox or not sessions:
+                return
+            session = sessions[-1]
+            for call in list(outbox.values()):
+                if call.sent_on is session or call.envelope.id not in outbox:
+                    continue
+                call.sent_on = session
+                try:
+                    await session.send_envelope(call.envelope)
+                except ConnectionClosedError:
+                    return  # delivered again when the agent reconnects
+
+    def _restore_outbox(self) -> None:
+        """Re-queue the pushes a previous run accepted but never saw answered."""
+        if self.store is None:
+            return
+        loop = asyncio.get_running_loop()
+        for did, data, expires_ms in self.store.pending_pushes():
+            envelope = _proto.decode_envelope(data)
+            if envelope.id in self._outboxes.get(did, {}):
+                continue
+            call = self.correlator.add(envelope, expected_responder=did)
+            self._outboxes.setdefault(did, {})[envelope.id] = call
+            # Nobody awaits these: the answer itself retires them.
+            call.on_final = lambda _reply, did=did, call=call: self._withdraw(did, call)
+            delay = max(0.0, (expires_ms - now_ms()) / 1000)
+            loop.call_later(delay, self._withdraw, did, call)
+            log.info("restored push %s to %s from the store", envelope.id, did)

@@ -156,13 +156,14 @@ async def test_push_is_answered_by_the_client_handler(
     assert seen == [(server.identity.did, b"q")]
 
 
-async def test_push_to_an_unconnected_did_fails(server: sigwire.Server) -> None:
-    """Pushing to a DID with no open Connect stream raises ConnectError at once."""
+async def test_push_to_an_agent_that_never_connects_expires(server: sigwire.Server) -> None:
+    """A push to an agent that never connects waits its timeout, then is withdrawn."""
     stranger = sigwire.Identity.generate().did
     async with asyncio.timeout(TIMEOUT):
-        with pytest.raises(sigwire.ConnectError) as caught:
-            await server.push(stranger, "ask", b"q", timeout=TIMEOUT)
+        with pytest.raises(sigwire.PushExpiredError) as caught:
+            await server.push(stranger, "ask", b"q", timeout=0.2)
     assert caught.value.details["did"] == stranger
+    assert server._outboxes == {}
 
 
 async def test_push_to_a_crashing_client_handler_is_handler_error(
