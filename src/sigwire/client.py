@@ -444,10 +444,25 @@ async def _first(call: PendingCall, session: Session) -> Reply:
 
 
 class _Connecting:
-    """``await connect(...)`` or ``async with connect(...) as peer``."""
+    """``await connect(...)`` or ``async with connect(...) as peer``.
+
+    Push handlers may be registered on it before connecting, so that pushes
+    an agent has queued for us (delivered as soon as we say hello) find them::
+
+        connection = sigwire.connect(url, identity=me)
+
+        @connection.on("review")
+        async def review(msg: sigwire.Message) -> str: ...
+
+        async with connection as peer: ...
+    """
 
     def __init__(self, peer: Peer) -> None:
         self._peer = peer
+
+    def on(self, kind: str) -> Callable[[Handler], Handler]:
+        """Register a push handler before connecting (see :meth:`Peer.on`)."""
+        return self._peer.on(kind)
 
     def __await__(self) -> Generator[Any, None, Peer]:
         return self._start().__await__()

@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import ipaddress
 import socket
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ class TcpProxy:
     byte in both directions (new connections included) until ``resume()``;
     ``pause()`` cuts and stops listening, holding the port with a bound,
     non-listening socket so that connecting is refused at once, until
-    ``listen()`` serves the same port again.
+    ``listen()`` serves the same port again. ``reset()`` sends a TCP RST on
+    every piped connection; ``latency`` (seconds) delays every chunk.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -147,12 +149,17 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._placeholder: socket.socket | None = None
         self._forwarding = True
+        self.latency = 0.0
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
         return f"grpc://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/sigwire/v1"
 
     async def listen(self) -> None:
         """Accept connections (on the same port as before, if any)."""
@@ -185,6 +192,8 @@ class TcpProxy:
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                if self.latency:
+                    await asyncio.sleep(self.latency)
                 if self._forwarding:
                     writer.write(data)
                     await writer.drain()
@@ -196,6 +205,15 @@ class TcpProxy:
     def cut(self) -> None:
         """Abort every piped connection; keep listening."""
         for writer in list(self._writers):
+            writer.transport.abort()
+
+    def reset(self) -> None:
+        """Send a TCP RST on every piped connection; keep listening."""
+        for writer in list(self._writers):
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
 
     def black_hole(self) -> None:

@@ -30,14 +30,16 @@ async def test_pushes_to_an_offline_agent_arrive_in_order_when_it_connects(
             )
             await asyncio.sleep(0)  # each push enters the outbox before the next
         assert len(server._outboxes[client_identity.did]) == 20
-        peer = sigwire.connect(server.urls[0], identity=client_identity, learn_endpoints=False)
-        async with peer as connected:
+        connection = sigwire.connect(
+            server.urls[0], identity=client_identity, learn_endpoints=False
+        )
 
-            @connected.on("ask")
-            async def ask(msg: sigwire.Message) -> bytes:
-                seen.append(msg.payload)
-                return b"ok " + msg.payload
+        @connection.on("ask")
+        async def ask(msg: sigwire.Message) -> bytes:
+            seen.append(msg.payload)
+            return b"ok " + msg.payload
 
+        async with connection:
             replies = await asyncio.gather(*pushes)
     assert seen == [str(i).encode() for i in range(20)]
     assert [r.data for r in replies] == [b"ok " + str(i).encode() for i in range(20)]
@@ -109,16 +111,17 @@ async def test_stored_push_survives_a_restart(
 
         second = await make_server(store=path)
         got = asyncio.Event()
-        async with sigwire.connect(
+        connection = sigwire.connect(
             second.urls[0], identity=client_identity, learn_endpoints=False
-        ) as peer:
+        )
 
-            @peer.on("ask")
-            async def ask(msg: sigwire.Message) -> bytes:
-                assert msg.payload == b"from before"
-                got.set()
-                return b"late but here"
+        @connection.on("ask")
+        async def ask(msg: sigwire.Message) -> bytes:
+            assert msg.payload == b"from before"
+            got.set()
+            return b"late but here"
 
+        async with connection as peer:
             await got.wait()
             # Frames are read in order: once this echo is answered, the server
             # has taken the push's reply, which retires it.

@@ -17,7 +17,11 @@ from sigwire.errors import ConnectError, EnvelopeError
 from sigwire.session import max_frame_size
 from sigwire.targets import Target
 from sigwire.transports.base import ClientOptions, Health, TlsClientConfig
-from sigwire.transports.websocket.errors import PROTO_SUBPROTOCOL, WebSocketStream
+from sigwire.transports.websocket.errors import (
+    CLOSE_TIMEOUT,
+    PROTO_SUBPROTOCOL,
+    WebSocketStream,
+)
 from sigwire.transports.websocket.server import WELL_KNOWN_PATH
 
 __all__ = ["WebSocketConnector"]
@@ -57,6 +61,7 @@ class WebSocketConnector:
                 subprotocols=[PROTO_SUBPROTOCOL],  # type: ignore[list-item]
                 compression=None,
                 max_size=limit,
+                close_timeout=CLOSE_TIMEOUT,
                 open_timeout=options.connect_timeout,
                 ping_interval=options.keepalive,
                 ping_timeout=options.keepalive,

@@ -8,6 +8,8 @@ any language can act on it.
 
 from __future__ import annotations
 
+import asyncio
+
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
@@ -20,6 +22,9 @@ from sigwire.errors import (
 )
 
 __all__ = ["JSON_SUBPROTOCOL", "PROTO_SUBPROTOCOL", "WebSocketStream", "close_code"]
+
+CLOSE_TIMEOUT = 1.0
+"""Seconds to wait for the peer's close frame before dropping the connection."""
 
 PROTO_SUBPROTOCOL = "sigwire.v1.proto"
 JSON_SUBPROTOCOL = "sigwire.v1.json"
@@ -102,7 +107,14 @@ class WebSocketStream:
         return message
 
     async def close(self, reason: str = "", message: str = "") -> None:
-        await self.ws.close(close_code(reason), _close_text(reason, message))
+        # The closing handshake waits for the peer's close frame; a partitioned
+        # or dead peer never sends one, so it gets a short grace, then the
+        # socket is dropped.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(close_code(reason), _close_text(reason, message))
+        except TimeoutError:
+            self.ws.transport.abort()
 
 
 def _as_closed(err: SigwireError) -> SigwireError:

@@ -25,6 +25,7 @@ from sigwire.session import max_frame_size
 from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import ServerCore, TlsServerConfig
 from sigwire.transports.websocket.errors import (
+    CLOSE_TIMEOUT,
     JSON_SUBPROTOCOL,
     PROTO_SUBPROTOCOL,
     WebSocketStream,
@@ -107,6 +108,7 @@ class WebSocketListener:
             ping_timeout=self.keepalive,
             ssl=context,
             server_header=None,
+            close_timeout=CLOSE_TIMEOUT,
         )
         bound = next(iter(self._server.sockets)).getsockname()
         shown = f"[{host}]" if ":" in host else host
