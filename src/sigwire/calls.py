@@ -86,6 +86,9 @@ class Correlator:
         self._pending[envelope.id] = call
         return call
 
+    def get(self, request_id: str) -> PendingCall | None:
+        return self._pending.get(request_id)
+
     def discard(self, call: PendingCall) -> None:
         if self._pending.get(call.envelope.id) is call:
             del self._pending[call.envelope.id]

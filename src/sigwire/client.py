@@ -189,7 +189,7 @@ class Peer:
         session = Session(
             stream,
             self.dispatcher,
-            on_reply=self.correlator.deliver,
+            on_reply=self._on_reply,
             options=self.session_options,
             on_goaway=self._goaway,
             name=f"client {target.url}",
@@ -233,6 +233,17 @@ class Peer:
             for call in todo:
                 call.sent_on = session
                 await session.send_envelope(call.envelope)
+
+    def _on_reply(self, reply: Reply) -> None:
+        error = reply.error
+        if not reply.success and error is not None and error.reason == "SHUTTING_DOWN":
+            call = self.correlator.get(reply.request_id)
+            if call is not None and not self._closed.is_set():
+                # Refused by a draining agent before it ran: safe to send again,
+                # which the supervisor does on the next stream it opens.
+                call.sent_on = None
+                return
+        self.correlator.deliver(reply)
 
     def _goaway(self, info: GoAwayInfo) -> None:
         log.info("%s is going away (%s): %s", self.url, info.reason, info.message)

@@ -93,6 +93,33 @@ async def test_request_issued_while_down_completes_after_restart(
     assert peer.reconnects == 1
 
 
+async def test_request_refused_while_draining_completes_on_the_restarted_server(
+    make_server: MakeServer, probe: Probe
+) -> None:
+    """A request refused with SHUTTING_DOWN is re-sent to the server that replaces it."""
+    server = await make_server()
+    port = port_of(server.urls[0])
+    async with asyncio.timeout(TIMEOUT):
+        async with sigwire.connect(server.urls[0], backoff=FAST_BACKOFF) as peer:
+            blocked = asyncio.create_task(peer.request("block", b"job", timeout=TIMEOUT))
+            await probe.entered.wait()
+            stopping = asyncio.create_task(server.stop(grace=TIMEOUT))
+            await asyncio.sleep(0)  # stop() runs up to its first await: draining
+            assert not server.dispatcher.accepting
+            refused = asyncio.create_task(peer.request("counted", b"", timeout=TIMEOUT))
+            # Give a wrong answer time to arrive (a pass never depends on this).
+            await asyncio.sleep(0.05)
+            assert not refused.done()
+            probe.gate.set()
+            assert (await blocked).data == b"released job"
+            await stopping
+            restarted = await make_server(grpc=f"127.0.0.1:{port}")
+            reply = await refused
+    assert reply.data == b"run 1"
+    assert reply.responder == restarted.identity.did
+    assert probe.calls["counted"] == 1
+
+
 async def test_in_flight_request_is_resent_and_runs_once(
     server: sigwire.Server, make_proxy: MakeProxy, probe: Probe
 ) -> None:
@@ -241,7 +268,7 @@ async def test_stop_with_many_streams_and_a_blocked_handler(
 async def test_draining_server_refuses_new_work_and_finishes_old(
     server: sigwire.Server, open_channel: OpenChannel, probe: Probe
 ) -> None:
-    """During stop(): health turns NOT_SERVING, new requests get SHUTTING_DOWN, old ones finish."""
+    """During stop(): health NOT_SERVING, new requests refused (SHUTTING_DOWN), old ones finish."""
     channel = open_channel(server.urls[0])
     health = health_pb2_grpc.HealthStub(channel)
     async with asyncio.timeout(TIMEOUT):
@@ -264,11 +291,12 @@ async def test_draining_server_refuses_new_work_and_finishes_old(
                 "SHUTTING_DOWN",
             )
 
-            # A client arriving now is let in, and told the server is shutting down.
+            # A client arriving now is let in, but its request is refused with
+            # SHUTTING_DOWN, which the client keeps to re-send to a server that
+            # takes it (a rolling restart): here none comes, so its deadline ends it.
             async with sigwire.connect(server.urls[0]) as late:
-                with pytest.raises(sigwire.ShuttingDownError) as refused:
-                    await late.request("echo", b"too late")
-            assert refused.value.remote
+                with pytest.raises(sigwire.DeadlineExceededError):
+                    await late.request("echo", b"too late", timeout=0.3)
 
             assert not stopping.done()
             probe.gate.set()
