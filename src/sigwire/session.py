@@ -325,9 +325,9 @@ class Session:
             self.goaway = info
             if self._on_goaway is not None:
                 self._on_goaway(info)
-        elif frame.sequence:
-            # Taken in charge at once, but acks are cumulative: this one
-            # waits behind any earlier frame whose envelopes have not started.
+        if body != "envelopes" and frame.sequence:
+            # Replies are taken in charge on arrival, but acks are cumulative:
+            # this one waits behind any earlier frame whose envelopes have not started.
             self._unstarted.append([frame.sequence, 0])
             self._advance_ack()
 

@@ -1,0 +1,179 @@
+// A sigwire client over WebSocket in Node, with the JSON subprotocol
+// "sigwire.v1.json": no protobuf library at all, each Frame is one text
+// message in protobuf's canonical JSON mapping (docs/protocol.md section 3).
+// Written from docs/signing.md and docs/protocol.md alone.
+//
+//   node tests/interop/node/ws_client.mjs ws://127.0.0.1:8765/sigwire/v1 did:key:z6Mk...
+//
+// Prints "did <our DID>", then one line per check, and ends with
+// "N passed, M failed"; exits 1 if any check failed. The agent is expected to
+// push one envelope of kind "ask" to this client (tests/interop/agent.py does).
+
+import WebSocket from "ws";
+
+import { Checks, ConnectSession, expect, TIMEOUT_MS, within } from "./connect.mjs";
+import {
+  cardFromJson,
+  frameFromJson,
+  frameToJson,
+  Identity,
+  newEnvelope,
+  SigwireCheck,
+  verifyCard,
+} from "./sigwire.mjs";
+
+const SUBPROTOCOL = "sigwire.v1.json";
+
+const [target, serverDid] = process.argv.slice(2);
+if (!target || !serverDid) {
+  console.error("usage: node ws_client.mjs ws://HOST:PORT/sigwire/v1 SERVER_DID");
+  process.exit(2);
+}
+
+/** Opens a WebSocket offering `subprotocols`; resolves once the handshake completed. */
+function open(subprotocols) {
+  const ws = new WebSocket(target, subprotocols);
+  const closed = new Promise((ok) =>
+    ws.on("close", (code, reason) => ok({ code, reason: reason.toString() })),
+  );
+  const opened = new Promise((ok, fail) => {
+    ws.once("open", ok);
+    ws.once("error", fail);
+  });
+  return within(opened, "the WebSocket handshake").then(() => ({ ws, closed }));
+}
+
+function expectData(reply, text) {
+  expect(reply.success, `success is false: ${reply.error?.reason}`);
+  expect(
+    reply.data.toString("utf8") === text,
+    `data ${JSON.stringify(reply.data.toString())} != ${JSON.stringify(text)}`,
+  );
+}
+
+const identity = Identity.generate();
+console.log(`did ${identity.did}`);
+const checks = new Checks();
+const watchdog = setTimeout(() => {
+  console.log("FAIL  the whole run timed out");
+  process.exit(1);
+}, 6 * TIMEOUT_MS).unref();
+
+await checks.run("GET /.well-known/sigwire-agent.json: card signed by the agent", async () => {
+  const url = new URL("/.well-known/sigwire-agent.json", target.replace(/^ws/, "http"));
+  const response = await within(fetch(url), "the agent card");
+  expect(response.ok, `HTTP ${response.status}`);
+  const card = cardFromJson(await response.json());
+  verifyCard(card, serverDid);
+  expect(card.endpoints.includes(target), `endpoints ${card.endpoints} lack ${target}`);
+  return `endpoints ${card.endpoints.join(", ")}`;
+});
+
+let connection = null;
+await checks.run(`WebSocket handshake picks ${SUBPROTOCOL}`, async () => {
+  connection = await open([SUBPROTOCOL]);
+  expect(
+    connection.ws.protocol === SUBPROTOCOL,
+    `subprotocol ${JSON.stringify(connection.ws.protocol)}`,
+  );
+});
+
+if (connection !== null) {
+  const { ws, closed } = connection;
+  const problems = [];
+  const session = new ConnectSession({
+    identity,
+    serverDid,
+    send: (frame) => ws.send(frameToJson(frame)),
+  });
+  session.on("ask", (envelope) => `answer: ${envelope.payload.toString("utf8")}`);
+  ws.on("message", (data, isBinary) => {
+    if (isBinary) problems.push("a binary message on the JSON subprotocol");
+    else session.receive(frameFromJson(data.toString("utf8")));
+  });
+  closed.then(({ code, reason }) => session.ended(new Error(`closed ${code} ${reason}`)));
+
+  const helloOk = await checks.run("hello: the agent's size limit, signed", async () => {
+    const reply = await session.hello();
+    expect(reply.responder === serverDid, `responder ${reply.responder}`);
+    expect(
+      /^[1-9][0-9]*$/.test(reply.data.toString()),
+      `data ${JSON.stringify(reply.data.toString())}`,
+    );
+    return `max payload ${reply.data} bytes`;
+  });
+
+  if (helloOk) {
+    await checks.run("echo: signed reply bound to the request", async () => {
+      const metadata = { lang: "js", "\u00e9": "accent", Z: "" };
+      const [reply, ...rest] = await session.request("echo", "h\u00e9llo over JSON", { metadata });
+      expect(rest.length === 0, "more than one reply");
+      expectData(reply, "h\u00e9llo over JSON");
+      expect(reply.final, "not final");
+    });
+
+    await checks.run("count: streamed parts verified, in order", async () => {
+      const parts = await session.request("count", "4");
+      const data = parts.map((part) => part.data.toString());
+      expect(data.join(",") === "0,1,2,3,", `parts ${JSON.stringify(data)}`);
+      expect(parts.at(-1).final && parts.at(-1).sequence === "4", "the last part is not final");
+      return "0 1 2 3 + final";
+    });
+
+    await checks.run("push of kind ask verified and answered", async () => {
+      const push = await session.nextPush();
+      expect(push.envelope.kind === "ask", `kind ${push.envelope.kind}`);
+      expect(
+        push.reply.success,
+        `our reply was an error: ${push.reply.error?.reason} ${push.reply.error?.message}`,
+      );
+      // Frames are read in order: once this answer is here, the agent has our reply.
+      expectData((await session.request("echo", "after the push"))[0], "after the push");
+      return `${JSON.stringify(push.envelope.payload.toString())} -> ${JSON.stringify(push.reply.data.toString())}`;
+    });
+
+    await checks.run("tampered envelope gets a signed SIGNATURE_INVALID reply", async () => {
+      const request = newEnvelope(identity, "echo", "signed", { recipient: serverDid });
+      let err = null;
+      try {
+        await session.requestEnvelope({ ...request, payload: Buffer.from("changed") });
+      } catch (caught) {
+        err = caught;
+      }
+      expect(err instanceof SigwireCheck && err.reply, `no error reply: ${err?.message}`);
+      expect(err.reason === "SIGNATURE_INVALID", `reason ${err.reason}`);
+      expectData((await session.request("echo", "still open"))[0], "still open");
+      return "and the stream goes on";
+    });
+
+    await checks.run("acks, frame sequence numbers, text messages only", async () => {
+      const acked = await session.allAcked();
+      expect(session.sequenceProblems.length === 0, session.sequenceProblems.join("; "));
+      expect(problems.length === 0, problems.join("; "));
+      return `we sent ${session.sent} messages, the agent acked ${acked}; it sent ${session.received}`;
+    });
+  }
+
+  await checks.run("close 1000", async () => {
+    ws.close(1000);
+    const { code } = await within(closed, "the close handshake");
+    expect(code === 1000, `close code ${code}`);
+  });
+}
+
+await checks.run(
+  "a binary message on sigwire.v1.json closes with 1003 UNSUPPORTED_DATA",
+  async () => {
+    const { ws, closed } = await open([SUBPROTOCOL]);
+    ws.send(Buffer.from([0x0a, 0x00]));
+    const { code, reason } = await within(closed, "the close");
+    expect(
+      code === 1003 && reason.startsWith("UNSUPPORTED_DATA"),
+      `closed ${code} ${JSON.stringify(reason)}`,
+    );
+    return `${code} ${JSON.stringify(reason)}`;
+  },
+);
+
+clearTimeout(watchdog);
+process.exitCode = checks.finish();
