@@ -7,6 +7,7 @@ transports sees only sigwire values.
 
 from __future__ import annotations
 
+import json
 from typing import TypeVar
 
 from google.protobuf import json_format
@@ -208,10 +209,17 @@ def frame_from_json(text: str) -> bytes:
     """
     frame = pb.Frame()
     try:
-        json_format.Parse(text, frame)
+        json_format.ParseDict(_json_object(text), frame)
     except (json_format.ParseError, ValueError, RecursionError) as exc:
         raise EnvelopeError(f"invalid JSON frame: {exc}") from None
     return frame.SerializeToString()
+
+
+def _json_object(text: str | bytes) -> dict[str, object]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, not {type(value).__name__}")
+    return value
 
 
 def frame_to_json(data: bytes) -> str:
@@ -241,7 +249,7 @@ def card_from_json(text: str | bytes) -> AgentCard:
     """
     msg = pb.AgentCard()
     try:
-        json_format.Parse(text, msg)
+        json_format.ParseDict(_json_object(text), msg)
     except (json_format.ParseError, ValueError, RecursionError) as exc:
         raise EnvelopeError(f"invalid agent card JSON: {exc}") from None
     return card_from_pb(msg)

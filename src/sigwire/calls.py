@@ -70,12 +70,17 @@ class Correlator:
 
     A reply is delivered only if its signature verifies, it is bound to the
     very request (id and signature digest), and it comes from the expected
-    responder. Replies already delivered (same sequence number, as after a
-    re-send) are dropped, so a streamed answer is never seen twice.
+    responder. A reply that fails these checks fails its call when the
+    correlator serves one stream to one known peer (``fail_on_invalid``, the
+    client); a server, whose correlator is shared by every connected agent,
+    drops it, so that no agent can cancel a push meant for another. Replies
+    already delivered (same sequence number, as after a re-send) are dropped,
+    so a streamed answer is never seen twice.
     """
 
-    def __init__(self, verifier: Verifier) -> None:
+    def __init__(self, verifier: Verifier, *, fail_on_invalid: bool = True) -> None:
         self.verifier = verifier
+        self.fail_on_invalid = fail_on_invalid
         self._pending: dict[str, PendingCall] = {}
 
     def __len__(self) -> int:
@@ -99,7 +104,7 @@ class Correlator:
     def deliver(self, reply: Reply) -> None:
         call = self._pending.get(reply.request_id)
         if call is None:
-            log.debug("dropping reply to unknown or finished request %s", reply.request_id)
+            log.debug("dropping reply to unknown or finished request %r", reply.request_id)
             return
         if reply.sequence < call.next_sequence:
             return  # already delivered before a re-send
@@ -108,9 +113,10 @@ class Correlator:
                 reply, call.envelope, expected_responder=call.expected_responder
             )
         except SigwireError as exc:
-            log.warning("refusing reply to %s: %s", reply.request_id, exc)
-            call.fail(exc)
-            self.discard(call)
+            log.warning("refusing reply to %r: %s", reply.request_id, exc)
+            if self.fail_on_invalid:
+                call.fail(exc)
+                self.discard(call)
             return
         call.next_sequence = reply.sequence + 1
         call._queue.put_nowait(reply)

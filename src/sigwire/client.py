@@ -196,10 +196,13 @@ class Peer:
         )
         task = asyncio.create_task(session.run(), name=f"sigwire-session {target.url}")
         try:
+            # After the first hello, only the agent we authenticated then will do:
+            # a reconnect must not silently switch to whoever answers.
+            expected = self.expect_did or self.server_did
             hello = self.identity.sign_envelope(
-                Envelope.new(HELLO_KIND, sender=self.did, recipient=self.expect_did or "")
+                Envelope.new(HELLO_KIND, sender=self.did, recipient=expected or "")
             )
-            call = self.correlator.add(hello, expected_responder=self.expect_did)
+            call = self.correlator.add(hello, expected_responder=expected)
             try:
                 async with asyncio.timeout(self.options.connect_timeout):
                     await session.send_envelope(hello)
@@ -246,7 +249,7 @@ class Peer:
         self.correlator.deliver(reply)
 
     def _goaway(self, info: GoAwayInfo) -> None:
-        log.info("%s is going away (%s): %s", self.url, info.reason, info.message)
+        log.info("%s is going away (%r): %r", self.url, info.reason, info.message)
         self._ready.clear()
 
     async def _supervise(self, session: Session, task: asyncio.Task[None]) -> None:

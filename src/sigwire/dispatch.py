@@ -353,6 +353,10 @@ class Dispatcher:
         """
         fresh = self.admit(envelope)
         if envelope.kind == HELLO_KIND:
+            if not fresh:
+                # A replayed hello would bind this stream to someone else's DID
+                # and route their pushes here.
+                raise ReplayError("a hello is valid once")
             if session is not None:
                 session.bind(envelope.sender)
             # The hello reply tells the peer our size limit, before it sends anything.
@@ -481,7 +485,7 @@ def _crashed(envelope: Envelope) -> HandlerError:
     error_id = uuid.uuid4().hex[:12]
     # The traceback goes to the log only, under an id the peer also receives.
     log.exception(
-        "handler for kind %r failed on envelope %s from %s [error_id=%s]",
+        "handler for kind %r failed on envelope %r from %r [error_id=%s]",
         envelope.kind,
         envelope.id,
         envelope.sender,

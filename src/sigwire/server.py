@@ -99,7 +99,7 @@ class Server:
             limits=self.limits,
             store=self.store,
         )
-        self.correlator = Correlator(self.verifier)
+        self.correlator = Correlator(self.verifier, fail_on_invalid=False)
         self.urls: list[str] = []
         # In preference order, as the agent card lists them: gRPC, then WebSocket.
         self._listeners: list[Listener] = []

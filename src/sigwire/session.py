@@ -163,6 +163,7 @@ class Session:
         self._on_closed = on_closed
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._credit = _Credit(self.options.window)
+        self._reply_room = _Credit(4 * self.options.window)
         # Inbound envelopes not yet started, and per envelope frame
         # [sequence, envelopes not yet started] until it can be acked.
         self._backlog: collections.deque[tuple[Envelope, list[int]]] = collections.deque()
@@ -200,14 +201,17 @@ class Session:
         self._queue.put_nowait(envelope)
 
     async def send_reply(self, reply: Reply) -> None:
-        """Queue a signed reply.
+        """Queue a signed reply, waiting while too many wait to be written.
 
-        Replies take no window credit: they answer envelopes that already did,
-        and a reader blocked on credit for its replies could deadlock two
-        peers that both request heavily.
+        Replies take no window credit from the peer: they answer envelopes
+        that already did, and waiting on the peer's acks for them could
+        deadlock two peers that both request heavily. They wait only for this
+        side's own writer, which never depends on the peer's acks.
         """
-        if self._closing:
-            raise self._credit.closed or ConnectionClosedError(f"{self.name} closed")
+        # Bounded all the same: a peer that stops reading stalls the writer, the
+        # handlers' replies wait here, no new envelope starts, and a peer that
+        # keeps sending beyond its window is cut off.
+        await self._reply_room.acquire()
         self._queue.put_nowait(reply)
 
     def send_goaway(self, reason: str, message: str, grace_ms: int) -> None:
@@ -266,7 +270,15 @@ class Session:
         self._closing = True
         if error is not None and self.error is None:
             self.error = error
-        self._credit.close(self.error or ConnectionClosedError(f"{self.name} closed"))
+        closed = (
+            self.error
+            if isinstance(self.error, ConnectionClosedError)
+            else ConnectionClosedError(
+                f"{self.name} closed" + (f": {self.error.message}" if self.error else "")
+            )
+        )
+        self._credit.close(closed)
+        self._reply_room.close(closed)
         self._queue.put_nowait(_CLOSE)
 
     async def _reader(self) -> None:
@@ -297,18 +309,23 @@ class Session:
             # Envelopes beyond the window wait here; the peer cannot send more
             # than its window unacknowledged, and envelopes waiting here are
             # not acknowledged, so the backlog stays bounded.
-            entry = [frame.sequence, len(frame.envelopes.envelopes)]
+            count = len(frame.envelopes.envelopes)
+            waiting = len(self._backlog) + count
+            if count > _BATCH_MESSAGES or waiting > 2 * self.options.window:
+                # Only a peer that ignores its window (or batches beyond what any
+                # sigwire writer sends) gets here; refuse before decoding anything.
+                raise OverloadedError(
+                    f"peer sent {waiting} envelopes beyond the window of "
+                    f"{self.options.window} it was granted"
+                )
+            entry = [frame.sequence, count]
             self._unstarted.append(entry)
             for msg in frame.envelopes.envelopes:
                 self._backlog.append((_proto.envelope_from_pb(msg), entry))
-            if len(self._backlog) > 2 * self.options.window:
-                # Only a peer that ignores its window gets here.
-                raise OverloadedError(
-                    f"peer sent {len(self._backlog)} envelopes beyond the window of "
-                    f"{self.options.window} it was granted"
-                )
             self._pump()
         elif body == "replies":
+            if len(frame.replies.replies) > _BATCH_MESSAGES:
+                raise OverloadedError("a frame of more replies than any writer batches")
             for reply in frame.replies.replies:
                 self._on_reply(_proto.reply_from_pb(reply))
         elif body == "ack":
@@ -367,7 +384,7 @@ class Session:
         except ConnectionClosedError:
             pass
         except Exception:
-            log.exception("%s: failed to answer envelope %s", self.name, envelope.id)
+            log.exception("%s: failed to answer envelope %r", self.name, envelope.id)
         finally:
             self._serving -= 1
             if not self._closing:
@@ -414,6 +431,7 @@ class Session:
                 envelopes.clear()
                 await send(frame.SerializeToString())
             if replies:
+                self._reply_room.release(len(replies))
                 self._sent += len(replies)
                 frame = pb.Frame(sequence=self._sent, replies=pb.ReplyBatch(replies=replies))
                 replies.clear()
