@@ -13,7 +13,14 @@ from typing import TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from sigwire.envelope import AgentCard, Envelope, Reply, ReplyError, Signature
+from sigwire.envelope import (
+    MAX_METADATA_ENTRIES,
+    AgentCard,
+    Envelope,
+    Reply,
+    ReplyError,
+    Signature,
+)
 from sigwire.errors import EnvelopeError
 from sigwire_pb.v1 import messages_pb2 as pb
 from sigwire_pb.v1 import transport_pb2 as transport_pb
@@ -69,7 +76,14 @@ def envelope_to_pb(envelope: Envelope) -> pb.Envelope:
 
 
 def envelope_from_pb(msg: pb.Envelope) -> Envelope:
-    """The sigwire value of a protobuf Envelope (not yet validated or verified)."""
+    """The sigwire value of a protobuf Envelope (not yet validated or verified).
+
+    Raises:
+        EnvelopeError: More metadata entries than any valid envelope has
+            (checked before building them, which is the expensive part).
+    """
+    if len(msg.metadata) > MAX_METADATA_ENTRIES:
+        raise EnvelopeError(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
     return Envelope(
         id=msg.id,
         kind=msg.kind,

@@ -45,7 +45,11 @@ def _did(args: argparse.Namespace) -> int:
 
 
 def _identity(args: argparse.Namespace) -> Identity:
-    return load_or_create_identity(args.key)
+    # Only the per-user default is created on first use: a mistyped --key path
+    # must not silently become a brand-new identity.
+    if args.key is not None:
+        return Identity.load(args.key)
+    return load_or_create_identity()
 
 
 def _load_app(spec: str) -> Callable[[Any], None]:

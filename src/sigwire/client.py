@@ -295,20 +295,20 @@ class Peer:
         limit = self.peer_max_message_size or self.options.max_message_size
         if len(data) > limit:
             raise MessageTooLargeError(len(data), limit)
-        return self.identity.sign_envelope(
-            Envelope.new(
-                kind,
-                data,
-                sender=self.did,
-                recipient=self.server_did or "",
-                metadata=metadata,
-                role=extra.get("role", "agent"),
-                content_type=extra.get("content_type", ""),
-                context_id=extra.get("context_id", ""),
-                task_id=extra.get("task_id", ""),
-                id=extra.get("id"),
-            )
+        envelope = Envelope.new(
+            kind,
+            data,
+            sender=self.did,
+            recipient=self.server_did or "",
+            metadata=metadata,
+            role=extra.get("role", "agent"),
+            content_type=extra.get("content_type", ""),
+            context_id=extra.get("context_id", ""),
+            task_id=extra.get("task_id", ""),
+            id=extra.get("id"),
         )
+        envelope.validate()  # the agent would refuse it; say so here
+        return self.identity.sign_envelope(envelope)
 
     async def _submit(self, envelope: Envelope) -> PendingCall:
         if self._failure is not None:

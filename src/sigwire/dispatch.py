@@ -70,6 +70,7 @@ class Limits:
         window: Unacknowledged messages in flight per stream and direction.
         max_concurrent_streams: Concurrent gRPC streams per connection.
         reply_cache_size: Answers remembered for idempotent retries.
+        reply_cache_bytes: Reply data those answers may hold in memory, in bytes.
         reply_cache_ttl: How long they are remembered, in seconds.
         outbox_size: Pushes waiting per agent (offline or reconnecting).
     """
@@ -80,6 +81,7 @@ class Limits:
     window: int = 256
     max_concurrent_streams: int = 100
     reply_cache_size: int = 50_000
+    reply_cache_bytes: int = 256 * 1024 * 1024
     reply_cache_ttl: float = 660.0
     outbox_size: int = 1000
 
@@ -162,12 +164,13 @@ class TokenBuckets:
 class _Answer:
     """The answer to one (sender, id): filled by one handler task, read by any number."""
 
-    __slots__ = ("changed", "done", "expires", "replies")
+    __slots__ = ("changed", "done", "expires", "replies", "size")
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.done = False
         self.expires = 0.0
+        self.size = 0
         self.changed = asyncio.Event()
 
     def add(self, reply: Reply) -> None:
@@ -204,10 +207,19 @@ class ReplyCache:
     running it again; an answer still being computed is never evicted.
     """
 
-    def __init__(self, size: int, ttl: float, store: SqliteStore | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        ttl: float,
+        store: SqliteStore | None = None,
+        *,
+        max_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self.ttl = ttl
         self.store = store
+        self.bytes = 0
         self._entries: collections.OrderedDict[tuple[str, str], _Answer] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -217,7 +229,7 @@ class ReplyCache:
         """The live entry of ``key``, if any."""
         entry = self._entries.get(key)
         if entry is not None and entry.done and entry.expires < time.monotonic():
-            del self._entries[key]
+            self.bytes -= self._entries.pop(key).size
             entry = None
         if entry is None and self.store is not None:
             stored = self.store.get_answer(*key)
@@ -241,33 +253,39 @@ class ReplyCache:
     ) -> None:
         """Mark an entry complete; it expires ``ttl`` seconds from now."""
         entry.expires = time.monotonic() + self.ttl
+        entry.size = sum(len(reply.data) for reply in entry.replies)
+        self.bytes += entry.size
         if persist and key is not None and self.store is not None:
             data = [_proto.reply_to_pb(reply).SerializeToString() for reply in entry.replies]
             self.store.put_answer(key[0], key[1], data, self.ttl)
         entry.close()
+        if self.bytes > self.max_bytes:
+            self._evict()
 
     def abandon(self, key: tuple[str, str], entry: _Answer) -> None:
         """Drop an entry whose handler never finished (cancelled at shutdown)."""
         if self._entries.get(key) is entry:
-            del self._entries[key]
+            self.bytes -= self._entries.pop(key).size
         entry.close()
 
     def _evict(self) -> None:
         # Oldest first; answers still being computed are never forgotten.
         now = time.monotonic()
         over = len(self._entries) - self.size
+        excess = self.bytes - self.max_bytes
         doomed: list[tuple[str, str]] = []
         for key, entry in self._entries.items():
             if not entry.done:
-                if len(doomed) < over:
+                if len(doomed) < over or excess > 0:
                     continue
                 break
-            if len(doomed) < over or entry.expires < now:
+            if len(doomed) < over or excess > 0 or entry.expires < now:
                 doomed.append(key)
+                excess -= entry.size
             else:
                 break
         for key in doomed:
-            del self._entries[key]
+            self.bytes -= self._entries.pop(key).size
 
 
 class SessionHooks(Protocol):
@@ -304,7 +322,12 @@ class Dispatcher:
         self.verifier = verifier or Verifier()
         self.guard = guard or ReplayGuard()
         self.limits = limits or Limits()
-        self.cache = ReplyCache(self.limits.reply_cache_size, self.limits.reply_cache_ttl, store)
+        self.cache = ReplyCache(
+            self.limits.reply_cache_size,
+            self.limits.reply_cache_ttl,
+            store,
+            max_bytes=self.limits.reply_cache_bytes,
+        )
         self.buckets = (
             TokenBuckets(self.limits.rate, self.limits.burst) if self.limits.rate else None
         )

@@ -53,6 +53,9 @@ CARD_DOMAIN = "sigwire/v1/agent-card"
 MAX_ID_LENGTH = 256
 MIN_NONCE_LENGTH = 16
 MAX_NONCE_LENGTH = 64
+MAX_FIELD_LENGTH = 1024
+MAX_METADATA_ENTRIES = 256
+MAX_METADATA_BYTES = 64 * 1024
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -232,6 +235,18 @@ class Envelope:
             f"nonce must be {MIN_NONCE_LENGTH}..{MAX_NONCE_LENGTH} bytes",
         )
         _require(self.created_at_ms > 0, "created_at_ms is not set")
+        for name in ("sender", "recipient", "context_id", "task_id", "role", "content_type"):
+            _require(
+                len(getattr(self, name)) <= MAX_FIELD_LENGTH,
+                f"{name} is longer than {MAX_FIELD_LENGTH} characters",
+            )
+        metadata = self.metadata
+        _require(
+            len(metadata) <= MAX_METADATA_ENTRIES,
+            f"metadata has more than {MAX_METADATA_ENTRIES} entries",
+        )
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+        _require(size <= MAX_METADATA_BYTES, f"metadata exceeds {MAX_METADATA_BYTES} bytes")
 
     def digest(self) -> bytes:
         """SHA-256 of this envelope's signature value, as replies bind it."""

@@ -118,3 +118,13 @@ def test_missing_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main([])
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_serve_with_a_missing_key_file_fails_instead_of_creating_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--key naming a file that does not exist is an error, not a new identity."""
+    missing = tmp_path / "typo.pem"
+    assert main(["send", "grpc://127.0.0.1:1", "echo", "--key", str(missing)]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert not missing.exists()

@@ -265,3 +265,13 @@ def test_corrupted_envelope_decodes_or_raises_envelope_error(position: int, valu
             decode(bytes(data))
         except EnvelopeError:
             pass
+
+
+def test_metadata_flood_is_refused_before_it_is_built() -> None:
+    """A decoded Envelope with more metadata entries than allowed is an EnvelopeError."""
+    from sigwire._proto import decode_envelope, pb
+    from sigwire.envelope import MAX_METADATA_ENTRIES
+
+    flood = pb.Envelope(id="x", metadata={f"k{i}": "" for i in range(MAX_METADATA_ENTRIES + 1)})
+    with pytest.raises(EnvelopeError, match="metadata"):
+        decode_envelope(flood.SerializeToString())

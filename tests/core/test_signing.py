@@ -823,3 +823,20 @@ def test_identity_signature_verifies_under_its_did(alice: Identity) -> None:
     Verifier.check_signature(signature, alice.did, b"data")
     with pytest.raises(InvalidSignatureError):
         Verifier.check_signature(signature, alice.did, b"date")
+
+
+def test_metadata_limits_are_enforced_by_validate(alice: Identity) -> None:
+    """Too many metadata entries, or too many metadata bytes, are MALFORMED."""
+    from sigwire.envelope import MAX_METADATA_BYTES, MAX_METADATA_ENTRIES
+
+    many = Envelope.new(
+        "k", sender=alice.did, metadata={f"k{i}": "" for i in range(MAX_METADATA_ENTRIES + 1)}
+    )
+    with pytest.raises(EnvelopeError, match="entries"):
+        many.validate()
+    big = Envelope.new("k", sender=alice.did, metadata={"k": "v" * MAX_METADATA_BYTES})
+    with pytest.raises(EnvelopeError, match="bytes"):
+        big.validate()
+    Envelope.new(
+        "k", sender=alice.did, metadata={f"k{i}": "" for i in range(MAX_METADATA_ENTRIES)}
+    ).validate()

@@ -211,7 +211,7 @@ FIELD_CASES: dict[str, tuple[Build, str]] = {
     "nonce-swapped": (_nonce_swapped, "SIGNATURE_INVALID"),
     "metadata-flood": (
         _resign_field(metadata={f"k{i}": "v" * 8 for i in range(20_000)}),
-        "SIGNATURE_INVALID",
+        "MALFORMED",  # over MAX_METADATA_ENTRIES: refused before anything else
     ),
 }
 
@@ -327,7 +327,27 @@ async def test_corrupt_envelope_over_grpc_send(
     await assert_still_serves(server)
 
 
-@pytest.mark.parametrize(("build", "reason"), ALL_CASES.values(), ids=ALL_CASES.keys())
+# On a stream, an envelope with more metadata entries than any valid one is
+# refused before it is built, which ends the stream (see the test below).
+STREAM_CASES = {name: case for name, case in ALL_CASES.items() if name != "metadata-flood"}
+
+
+async def test_metadata_flood_on_a_stream_closes_it_malformed(
+    server: sigwire.Server, client_identity: sigwire.Identity
+) -> None:
+    """Too many metadata entries on a WebSocket stream close it 1007 MALFORMED, unbuilt."""
+    build, _ = ALL_CASES["metadata-flood"]
+    request = build(client_identity, server.identity.did)
+    async with asyncio.timeout(TIMEOUT):
+        async with ws_connect(server.urls[1], subprotocols=[PROTO]) as ws:
+            await ws.send(frame_bytes(1, request))
+            await ws.wait_closed()
+    assert ws.close_code == 1007
+    assert (ws.close_reason or "").startswith("MALFORMED")
+    await assert_still_serves(server)
+
+
+@pytest.mark.parametrize(("build", "reason"), STREAM_CASES.values(), ids=STREAM_CASES.keys())
 async def test_corrupt_envelope_over_websocket(
     server: sigwire.Server,
     client_identity: sigwire.Identity,
