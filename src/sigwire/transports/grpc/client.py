@@ -120,9 +120,10 @@ class GrpcConnector:
     def _new_channel(target: Target, options: ClientOptions) -> grpc.aio.Channel:
         channel_options: list[tuple[str, int | str]] = [
             *grpc_options(options.max_message_size, options.keepalive),
-            # sigwire's own backoff paces reconnection; keep grpc's short.
+            # sigwire's own backoff paces reconnection; keep grpc's short. (Not
+            # grpc.min_reconnect_backoff_ms: despite its name it is the minimum
+            # connect timeout, and a short one fails every slow handshake.)
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.enable_retries", 0),
         ]
