@@ -450,9 +450,11 @@ async def _first(call: PendingCall, session: Session) -> Reply:
     try:
         done, _ = await asyncio.wait((waiter, closed), return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Also when the caller's timeout cancels us: no task is left pending.
         closed.cancel()
+        if not waiter.done():
+            waiter.cancel()
     if waiter not in done:
-        waiter.cancel()
         raise session.error or ConnectionClosedError("the stream closed during the hello")
     return waiter.result()
 
