@@ -101,7 +101,7 @@ class Correlator:
     def pending(self) -> list[PendingCall]:
         return list(self._pending.values())
 
-    def deliver(self, reply: Reply) -> None:
+    def deliver(self, reply: Reply, signature_checked: bool = False) -> None:
         call = self._pending.get(reply.request_id)
         if call is None:
             log.debug("dropping reply to unknown or finished request %r", reply.request_id)
@@ -110,7 +110,10 @@ class Correlator:
             return  # already delivered before a re-send
         try:
             self.verifier.verify_reply(
-                reply, call.envelope, expected_responder=call.expected_responder
+                reply,
+                call.envelope,
+                expected_responder=call.expected_responder,
+                signature_checked=signature_checked,
             )
         except SigwireError as exc:
             log.warning("refusing reply to %r: %s", reply.request_id, exc)

@@ -237,7 +237,7 @@ class Peer:
                 call.sent_on = session
                 await session.send_envelope(call.envelope)
 
-    def _on_reply(self, reply: Reply) -> None:
+    def _on_reply(self, reply: Reply, signature_checked: bool = False) -> None:
         error = reply.error
         if not reply.success and error is not None and error.reason == "SHUTTING_DOWN":
             call = self.correlator.get(reply.request_id)
@@ -246,7 +246,7 @@ class Peer:
                 # which the supervisor does on the next stream it opens.
                 call.sent_on = None
                 return
-        self.correlator.deliver(reply)
+        self.correlator.deliver(reply, signature_checked)
 
     def _goaway(self, info: GoAwayInfo) -> None:
         log.info("%s is going away (%r): %r", self.url, info.reason, info.message)

@@ -335,7 +335,7 @@ class Dispatcher:
         self._running: set[asyncio.Task[None]] = set()
         self.handled = 0
 
-    def admit(self, envelope: Envelope) -> bool:
+    def admit(self, envelope: Envelope, *, authenticated: bool = False) -> bool:
         """Run every check before the handler.
 
         Returns:
@@ -353,14 +353,20 @@ class Dispatcher:
                 "the envelope is addressed to another agent",
                 details={"recipient": envelope.recipient},
             )
-        self.verifier.authenticate(envelope)
+        if not authenticated:
+            self.verifier.authenticate(envelope)
         # Trust before the nonce cache: senders we refuse cannot fill it.
         if envelope.signature is not None or self.verifier.require_signatures:
             self.verifier.admit(envelope.sender)
         return self.guard.check_and_mark(envelope)
 
     async def dispatch(
-        self, envelope: Envelope, session: SessionHooks | None = None, *, unary: bool = False
+        self,
+        envelope: Envelope,
+        session: SessionHooks | None = None,
+        *,
+        unary: bool = False,
+        authenticated: bool = False,
     ) -> AsyncIterator[Reply]:
         """Run the whole pipeline on one envelope and yield its signed replies.
 
@@ -370,11 +376,13 @@ class Dispatcher:
             unary: The caller can carry one reply only: refuse a streaming
                 kind (STREAMING_KIND), but only after the envelope passed
                 every check, so that unauthenticated callers learn nothing.
+            authenticated: The caller already verified this very envelope's
+                signature (a stream verifies a frame's envelopes in one batch).
 
         Raises:
             SigwireError: A rejection before the handler (see :meth:`admit`).
         """
-        fresh = self.admit(envelope)
+        fresh = self.admit(envelope, authenticated=authenticated)
         if envelope.kind == HELLO_KIND:
             if not fresh:
                 # A replayed hello would bind this stream to someone else's DID

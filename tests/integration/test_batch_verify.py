@@ -1,0 +1,87 @@
+"""Frames verified in one batch still judge each message on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import grpc.aio
+
+import sigwire
+from sigwire import _proto
+from sigwire._proto import pb
+from tests.conftest import TIMEOUT
+from tests.integration.conftest import OpenChannel
+
+
+async def _replies(
+    call: grpc.aio.StreamStreamCall[bytes, bytes], ids: set[str]
+) -> dict[str, pb.Reply]:
+    found: dict[str, pb.Reply] = {}
+    while not ids <= set(found):
+        frame = pb.Frame.FromString(await call.read())
+        for reply in frame.replies.replies:
+            found[reply.request_id] = reply
+    return found
+
+
+async def test_one_forged_envelope_in_a_batch_fails_alone(
+    server: sigwire.Server, open_channel: OpenChannel, client_identity: sigwire.Identity
+) -> None:
+    """In a frame of envelopes verified together, only the forged one is refused."""
+    call = open_channel(server.urls[0]).stream_stream("/sigwire.v1.AgentTransport/Connect")()
+
+    def sign(kind: str, payload: bytes = b"") -> sigwire.Envelope:
+        return client_identity.sign_envelope(
+            sigwire.Envelope.new(kind, payload, sender=client_identity.did)
+        )
+
+    hello = sign("sigwire.hello")
+    good = [sign("echo", b"%d" % i) for i in range(3)]
+    forged = dataclasses.replace(sign("echo", b"genuine"), payload=b"forged")
+    batch = [good[0], forged, good[1], good[2]]
+    async with asyncio.timeout(TIMEOUT):
+        await call.write(
+            pb.Frame(
+                sequence=1, envelopes=pb.EnvelopeBatch(envelopes=[_proto.envelope_to_pb(hello)])
+            ).SerializeToString()
+        )
+        await _replies(call, {hello.id})
+        await call.write(
+            pb.Frame(
+                sequence=5,
+                envelopes=pb.EnvelopeBatch(envelopes=[_proto.envelope_to_pb(e) for e in batch]),
+            ).SerializeToString()
+        )
+        replies = await _replies(call, {e.id for e in batch})
+        call.cancel()
+    assert [replies[e.id].data for e in good] == [b"0", b"1", b"2"]
+    assert all(replies[e.id].success for e in good)
+    assert not replies[forged.id].success
+    assert replies[forged.id].error.reason == "SIGNATURE_INVALID"
+
+
+async def test_a_forged_reply_among_genuine_ones_fails_its_call_alone(
+    server: sigwire.Server,
+) -> None:
+    """A forged reply fails only the call it names; the genuine replies still arrive."""
+    async with asyncio.timeout(TIMEOUT), sigwire.connect(server.urls[0]) as peer:
+        requests = [peer.request("echo", b"%d" % i) for i in range(4)]
+        tasks = [asyncio.ensure_future(r) for r in requests]
+        await asyncio.sleep(0)
+        pending = peer.correlator.pending()
+        victim = pending[1].envelope
+        # Forge a reply for one pending call, as if it arrived on the stream.
+        forged = server.identity.sign_reply(
+            sigwire.Reply(
+                request_id=victim.id,
+                request_digest=victim.digest(),
+                responder=server.identity.did,
+                data=b"forged",
+                created_at_ms=sigwire.envelope.now_ms(),
+            )
+        )
+        peer._on_reply(dataclasses.replace(forged, data=b"tampered"), False)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[1], sigwire.InvalidSignatureError)
+    assert [r.data for i, r in enumerate(results) if i != 1] == [b"0", b"2", b"3"]
