@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -190,12 +191,21 @@ class GrpcConnector:
 
         return _ClientStream(call, target.url, release)
 
-    async def health(self, target: Target, options: ClientOptions) -> Health:
-        """Call grpc.health.v1 Check and time it."""
+    @contextlib.asynccontextmanager
+    async def _ready_channel(
+        self, target: Target, options: ClientOptions
+    ) -> AsyncIterator[grpc.aio.Channel]:
         key, pooled = self._acquire(target, options)
         try:
             await self._ready(pooled.channel, target, options.connect_timeout)
-            stub = health_pb2_grpc.HealthStub(pooled.channel)
+            yield pooled.channel
+        finally:
+            await self._release(key, pooled)
+
+    async def health(self, target: Target, options: ClientOptions) -> Health:
+        """Call grpc.health.v1 Check and time it."""
+        async with self._ready_channel(target, options) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
             started = time.perf_counter()
             try:
                 response = await stub.Check(
@@ -204,27 +214,21 @@ class GrpcConnector:
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, url=target.url) from None
             latency = time.perf_counter() - started
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            return Health(status=status, latency=latency)
-        finally:
-            await self._release(key, pooled)
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return Health(status=status, latency=latency)
 
     async def describe(self, target: Target, options: ClientOptions) -> AgentCard:
         """Fetch the agent's signed card (not yet verified)."""
-        key, pooled = self._acquire(target, options)
-        try:
-            await self._ready(pooled.channel, target, options.connect_timeout)
-            method = pooled.channel.unary_unary(
+        async with self._ready_channel(target, options) as channel:
+            method = channel.unary_unary(
                 _DESCRIBE, request_serializer=_identity, response_deserializer=_identity
             )
             try:
                 data = await method(b"", timeout=options.connect_timeout)
             except grpc.aio.AioRpcError as exc:
                 raise error_from_rpc(exc, url=target.url) from None
-            assert isinstance(data, bytes)
-            return _proto.decode_card(data)
-        finally:
-            await self._release(key, pooled)
+        assert isinstance(data, bytes)
+        return _proto.decode_card(data)
 
     async def aclose(self) -> None:
         """Close every pooled channel."""
