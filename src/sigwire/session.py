@@ -188,6 +188,7 @@ class Session:
         self._ack_queued = False
         self._last_heard = time.monotonic()
         self._ping_token = 0
+        self._beat: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -246,7 +247,9 @@ class Session:
         """Run until the stream ends; never raises (see :attr:`error`)."""
         reader = asyncio.create_task(self._reader(), name=f"{self.name}-reader")
         writer = asyncio.create_task(self._writer(), name=f"{self.name}-writer")
-        beat = asyncio.create_task(self._heartbeat(), name=f"{self.name}-heartbeat")
+        self._beat = asyncio.get_running_loop().call_later(
+            min(self.options.heartbeat, self.options.heartbeat_timeout) / 2, self._heartbeat
+        )
         try:
             # Ends when the peer closes (reader) or we do (writer, after
             # flushing what was queued before the close).
@@ -264,9 +267,11 @@ class Session:
                     await self.stream.close(
                         error.reason if error else "", error.message if error else ""
                     )
-                for task in (reader, writer, beat, *self._tasks):
+                if self._beat is not None:
+                    self._beat.cancel()
+                for task in (reader, writer, *self._tasks):
                     task.cancel()
-                await asyncio.gather(reader, writer, beat, *self._tasks, return_exceptions=True)
+                await asyncio.gather(reader, writer, *self._tasks, return_exceptions=True)
             finally:
                 # Even when cancelled during the cleanup above (grpc cancels the
                 # Connect handler when the client goes away), or the owner would
@@ -484,21 +489,28 @@ class Session:
                 await send(pb.Frame(ack=pb.Ack(sequence=self._acked)).SerializeToString())
         return stop
 
-    async def _heartbeat(self) -> None:
+    def _heartbeat(self) -> None:
+        # A timer, not a task: an idle stream then costs no coroutine frame.
+        if self._closing:
+            return
         interval = self.options.heartbeat
         timeout = self.options.heartbeat_timeout
-        while not self._closing:
-            await asyncio.sleep(min(interval, timeout) / 2)
-            silent = time.monotonic() - self._last_heard
-            if silent >= timeout:
-                log.info("%s: peer silent for %.1fs; closing", self.name, silent)
-                self._begin_close(
-                    ConnectionClosedError("the peer went silent", reason="HEARTBEAT_TIMEOUT")
-                )
-                # A black-holed peer leaves recv() blocked; closing the stream ends it.
-                with contextlib.suppress(Exception):
-                    await self.stream.close()
-                return
-            if silent >= interval:
-                self._ping_token += 1
-                self._queue.put_nowait(pb.Frame(ping=pb.Ping(token=self._ping_token)))
+        silent = time.monotonic() - self._last_heard
+        if silent >= timeout:
+            log.info("%s: peer silent for %.1fs; closing", self.name, silent)
+            self._begin_close(
+                ConnectionClosedError("the peer went silent", reason="HEARTBEAT_TIMEOUT")
+            )
+            # A black-holed peer leaves recv() blocked; closing the stream ends it.
+            self._tasks.add(asyncio.ensure_future(self._close_stream()))
+            return
+        if silent >= interval:
+            self._ping_token += 1
+            self._queue.put_nowait(pb.Frame(ping=pb.Ping(token=self._ping_token)))
+        self._beat = asyncio.get_running_loop().call_later(
+            min(interval, timeout) / 2, self._heartbeat
+        )
+
+    async def _close_stream(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.close()
