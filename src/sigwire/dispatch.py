@@ -76,8 +76,8 @@ class Limits:
     """
 
     max_message_size: int = 4 * 1024 * 1024
-    rate: float | None = 2000.0
-    burst: int = 4000
+    rate: float | None = 10_000.0
+    burst: int = 20_000
     window: int = 256
     max_concurrent_streams: int = 100
     reply_cache_size: int = 50_000

@@ -167,6 +167,7 @@ class Session:
         self.goaway: GoAwayInfo | None = None
         self.error: SigwireError | None = None
         self.closed = asyncio.Event()
+        self._close_requested = asyncio.Event()
         self.bound = asyncio.Event()
         self._on_reply = on_reply
         self._on_goaway = on_goaway
@@ -251,9 +252,15 @@ class Session:
             min(self.options.heartbeat, self.options.heartbeat_timeout) / 2, self._heartbeat
         )
         try:
-            # Ends when the peer closes (reader) or we do (writer, after
-            # flushing what was queued before the close).
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            # Ends when the peer closes (reader), when we do (writer, after
+            # flushing what was queued before the close), or when a close is
+            # asked for while both are stuck inside the transport (a stream
+            # waiting for an HTTP/2 slot): the flush wait below bounds that.
+            asking = asyncio.ensure_future(self._close_requested.wait())
+            try:
+                await asyncio.wait((reader, writer, asking), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                asking.cancel()
             self._begin_close(None)
             # Let the writer flush, but a peer that stopped reading cannot
             # hold a close hostage.
@@ -284,6 +291,7 @@ class Session:
         if self._closing:
             return
         self._closing = True
+        self._close_requested.set()
         if error is not None and self.error is None:
             self.error = error
         closed = (

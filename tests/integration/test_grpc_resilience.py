@@ -441,3 +441,21 @@ async def _read_until_error(call: grpc.aio.StreamStreamCall[bytes, bytes]) -> No
 async def _echo_once(server: sigwire.Server) -> bytes:
     async with sigwire.connect(server.urls[0]) as peer:
         return (await peer.request("echo", b"still here")).data
+
+
+async def test_connect_beyond_the_stream_limit_fails_instead_of_hanging(
+    make_server: MakeServer,
+) -> None:
+    """A peer whose Connect stream never gets an HTTP/2 slot fails its connect in bounded time."""
+    server = await make_server(limits=sigwire.Limits(max_concurrent_streams=1))
+    registry = sigwire.default_registry()  # one pooled channel: one HTTP/2 connection
+    options = {"registry": registry, "learn_endpoints": False}
+    async with asyncio.timeout(TIMEOUT):
+        async with sigwire.connect(server.urls[0], **options) as first:
+            assert (await first.request("echo", b"one")).data == b"one"
+            with pytest.raises(sigwire.NoTransportAvailableError):
+                await sigwire.connect(server.urls[0], connect_timeout=0.5, **options)
+            # Peers with registries of their own get connections of their own.
+            async with sigwire.connect(server.urls[0], learn_endpoints=False) as other:
+                assert (await other.request("echo", b"two")).data == b"two"
+    await registry.aclose()

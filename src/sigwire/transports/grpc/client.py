@@ -127,6 +127,10 @@ class GrpcConnector:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.enable_retries", 0),
+            # Share connections only through this connector's own pool: grpc's
+            # process-wide subchannel pool would put every peer in a process on
+            # one HTTP/2 connection and its 100-stream limit.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if target.scheme == "unix":
             return grpc.aio.insecure_channel(f"unix:{target.path}", options=channel_options)
