@@ -46,7 +46,13 @@ __all__ = ["GoAwayInfo", "Session", "SessionOptions", "max_frame_size"]
 
 log = logging.getLogger("sigwire.session")
 
-_BATCH_MESSAGES: Final = 128
+# What one frame carries at most: the writer batches up to _BATCH_MESSAGES (small
+# enough that two peers keep several frames in flight rather than trading one
+# big batch in lock-step); a receiver accepts up to _MAX_FRAME_MESSAGES.
+_BATCH_MESSAGES: Final = 32
+_MAX_FRAME_MESSAGES: Final = 128
+# An ack waits for data to ride behind, at most this long (or a quarter window).
+_ACK_DELAY: Final = 0.02
 _BATCH_BYTES: Final = 256 * 1024
 _FLUSH_TIMEOUT: Final = 2.0
 # Frames with at least this many messages have their signatures verified in one
@@ -190,6 +196,7 @@ class Session:
         self._last_heard = time.monotonic()
         self._ping_token = 0
         self._beat: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -274,8 +281,9 @@ class Session:
                     await self.stream.close(
                         error.reason if error else "", error.message if error else ""
                     )
-                if self._beat is not None:
-                    self._beat.cancel()
+                for timer in (self._beat, self._ack_timer):
+                    if timer is not None:
+                        timer.cancel()
                 for task in (reader, writer, *self._tasks):
                     task.cancel()
                 await asyncio.gather(reader, writer, *self._tasks, return_exceptions=True)
@@ -335,7 +343,7 @@ class Session:
             # not acknowledged, so the backlog stays bounded.
             count = len(frame.envelopes.envelopes)
             waiting = len(self._backlog) + count
-            if count > _BATCH_MESSAGES or waiting > 2 * self.options.window:
+            if count > _MAX_FRAME_MESSAGES or waiting > 2 * self.options.window:
                 # Only a peer that ignores its window (or batches beyond what any
                 # sigwire writer sends) gets here; refuse before decoding anything.
                 raise OverloadedError(
@@ -353,7 +361,7 @@ class Session:
             )
             self._pump()
         elif body == "replies":
-            if len(frame.replies.replies) > _BATCH_MESSAGES:
+            if len(frame.replies.replies) > _MAX_FRAME_MESSAGES:
                 raise OverloadedError("a frame of more replies than any writer batches")
             replies = [_proto.reply_from_pb(msg) for msg in frame.replies.replies]
             checked = await _check_batch(
@@ -397,9 +405,21 @@ class Session:
             sequence = unstarted.popleft()[0]
             if sequence > self._received:
                 self._received = sequence
-                if not self._ack_queued:
-                    self._ack_queued = True
-                    self._queue.put_nowait(_ACK)
+        if self._received <= self._acked or self._ack_queued:
+            return
+        # Acks ride behind the next flush of data (a reply is usually on its
+        # way), so they stay off the critical path; they go out on their own
+        # only when a quarter window is waiting, or after _ACK_DELAY.
+        if self._received - self._acked >= max(1, self.options.window // 4):
+            self._queue_ack()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(_ACK_DELAY, self._queue_ack)
+
+    def _queue_ack(self) -> None:
+        self._ack_timer = None
+        if not self._ack_queued and not self._closing and self._received > self._acked:
+            self._ack_queued = True
+            self._queue.put_nowait(_ACK)
 
     async def _serve(self, envelope: Envelope, authenticated: bool) -> None:
         try:
