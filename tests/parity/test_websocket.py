@@ -241,3 +241,13 @@ async def test_other_path_is_not_found(server: sigwire.Server) -> None:
     assert status == 404
     async with asyncio.timeout(TIMEOUT):
         await assert_still_serves(server)
+
+
+async def test_compression_is_off_unless_asked_for() -> None:
+    """The WebSocket listener negotiates permessage-deflate only with ws_compression=True."""
+    for asked, expected in ((False, None), (True, "permessage-deflate")):
+        server = sigwire.Server(sigwire.Identity.generate(), ws="127.0.0.1:0", ws_compression=asked)
+        async with server, asyncio.timeout(TIMEOUT):
+            async with ws_connect(server.urls[0], subprotocols=[PROTO]) as ws:
+                offered = ws.response.headers.get("Sec-WebSocket-Extensions")
+        assert (offered.split(";")[0] if offered else None) == expected
