@@ -199,6 +199,12 @@ class Peer:
             # After the first hello, only the agent we authenticated then will do:
             # a reconnect must not silently switch to whoever answers.
             expected = self.expect_did or self.server_did
+            if expected is None:
+                # A hello names its recipient, so that no agent can relay ours
+                # elsewhere: learn who this is from its self-signed card.
+                card = await connector.describe(target, self.options)
+                self.verifier.verify_card(card)
+                expected = card.did
             hello = self.identity.sign_envelope(
                 Envelope.new(HELLO_KIND, sender=self.did, recipient=expected or "")
             )

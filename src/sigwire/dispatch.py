@@ -319,9 +319,10 @@ class Dispatcher:
     ) -> None:
         self.identity = identity
         self.handlers = handlers
-        self.verifier = verifier or Verifier()
-        self.guard = guard or ReplayGuard()
-        self.limits = limits or Limits()
+        # `is None`, not `or`: an empty ReplayGuard has len() 0 and is falsy.
+        self.verifier = verifier if verifier is not None else Verifier()
+        self.guard = guard if guard is not None else ReplayGuard()
+        self.limits = limits if limits is not None else Limits()
         self.cache = ReplyCache(
             self.limits.reply_cache_size,
             self.limits.reply_cache_ttl,
@@ -384,12 +385,25 @@ class Dispatcher:
         """
         fresh = self.admit(envelope, authenticated=authenticated)
         if envelope.kind == HELLO_KIND:
+            if session is None:
+                raise KindUnknownError(
+                    f"{HELLO_KIND} opens a Connect stream; it is not a request",
+                    details={"kind": HELLO_KIND},
+                )
+            if envelope.recipient != self.identity.did:
+                # Without our DID in it, a hello given to another agent could be
+                # relayed here to bind this stream to its sender (and take its pushes).
+                raise MisdirectedError(
+                    "a hello must name this agent's DID as its recipient",
+                    details={"recipient": envelope.recipient},
+                )
             if not fresh:
                 # A replayed hello would bind this stream to someone else's DID
                 # and route their pushes here.
                 raise ReplayError("a hello is valid once")
-            if session is not None:
-                session.bind(envelope.sender)
+            if self.buckets is not None:
+                self.buckets.take(envelope.sender)
+            session.bind(envelope.sender)
             # The hello reply tells the peer our size limit, before it sends anything.
             yield self.reply(envelope, str(self.limits.max_message_size))
             return

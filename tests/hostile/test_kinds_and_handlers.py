@@ -25,7 +25,6 @@ from tests.hostile.conftest import (
     assert_still_serves,
     envelope_bytes,
     frame_bytes,
-    raw_unary,
     raw_unary_stream,
     send_refused,
     send_stream_refused,
@@ -87,16 +86,14 @@ async def test_unknown_kind_over_websocket(
     await assert_still_serves(server)
 
 
-async def test_hello_over_send_binds_nothing(
+async def test_hello_over_send_is_refused_and_binds_nothing(
     server: sigwire.Server, open_channel: OpenChannel, client_identity: sigwire.Identity
 ) -> None:
-    """sigwire.hello on unary Send is answered with the size limit and registers no agent."""
-    hello = signed(client_identity, HELLO_KIND)
+    """sigwire.hello on unary Send is refused (it opens streams only) and registers no agent."""
+    hello = signed(client_identity, HELLO_KIND, recipient=server.identity.did)
     async with asyncio.timeout(TIMEOUT):
-        answer = await raw_unary(open_channel(server), "Send")(envelope_bytes(hello))
-    reply = _proto.decode_reply(answer)
-    sigwire.Verifier().verify_reply(reply, hello, expected_responder=server.identity.did)
-    assert reply.data == str(server.limits.max_message_size).encode()
+        failure = await send_refused(open_channel(server), envelope_bytes(hello))
+    assert failure.info.reason == "KIND_UNKNOWN"
     assert server.connected() == []
     await assert_still_serves(server)
 

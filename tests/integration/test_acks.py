@@ -51,3 +51,33 @@ async def test_a_frame_of_replies_alone_is_acknowledged(
         )
         assert await _next_ack(call) == 2
         call.cancel()
+
+
+async def test_a_hello_must_name_this_server(
+    server: sigwire.Server, open_channel: OpenChannel, client_identity: sigwire.Identity
+) -> None:
+    """A hello naming no recipient, or another agent (a relayed hello), binds nothing."""
+    call = open_channel(server.urls[0]).stream_stream("/sigwire.v1.AgentTransport/Connect")()
+    elsewhere = sigwire.Identity.generate().did
+    async with asyncio.timeout(TIMEOUT):
+        for sequence, recipient in enumerate(("", elsewhere), start=1):
+            hello = client_identity.sign_envelope(
+                sigwire.Envelope.new(
+                    "sigwire.hello", sender=client_identity.did, recipient=recipient
+                )
+            )
+            await call.write(
+                pb.Frame(
+                    sequence=sequence,
+                    envelopes=pb.EnvelopeBatch(envelopes=[_proto.envelope_to_pb(hello)]),
+                ).SerializeToString()
+            )
+            while True:
+                frame = pb.Frame.FromString(await call.read())
+                if frame.WhichOneof("body") == "replies":
+                    break
+            [reply] = frame.replies.replies
+            assert not reply.success
+            assert reply.error.reason == "RECIPIENT_MISMATCH"
+        call.cancel()
+    assert server.connected() == []

@@ -449,13 +449,15 @@ async def test_connect_beyond_the_stream_limit_fails_instead_of_hanging(
     """A peer whose Connect stream never gets an HTTP/2 slot fails its connect in bounded time."""
     server = await make_server(limits=sigwire.Limits(max_concurrent_streams=1))
     registry = sigwire.default_registry()  # one pooled channel: one HTTP/2 connection
-    options = {"registry": registry, "learn_endpoints": False}
+    # Pinned, so that no Describe call (which also needs a stream slot) comes first.
+    pinned = {"expect_did": server.identity.did, "learn_endpoints": False}
+    options = {"registry": registry, **pinned}
     async with asyncio.timeout(TIMEOUT):
         async with sigwire.connect(server.urls[0], **options) as first:
             assert (await first.request("echo", b"one")).data == b"one"
             with pytest.raises(sigwire.NoTransportAvailableError):
                 await sigwire.connect(server.urls[0], connect_timeout=0.5, **options)
             # Peers with registries of their own get connections of their own.
-            async with sigwire.connect(server.urls[0], learn_endpoints=False) as other:
+            async with sigwire.connect(server.urls[0], **pinned) as other:
                 assert (await other.request("echo", b"two")).data == b"two"
     await registry.aclose()
