@@ -247,12 +247,21 @@ class Peer:
         error = reply.error
         if not reply.success and error is not None and error.reason == "SHUTTING_DOWN":
             call = self.correlator.get(reply.request_id)
-            if call is not None and not self._closed.is_set():
+            if call is not None and not self._closed.is_set() and self._genuine(reply, call):
                 # Refused by a draining agent before it ran: safe to send again,
                 # which the supervisor does on the next stream it opens.
                 call.sent_on = None
                 return
         self.correlator.deliver(reply, signature_checked)
+
+    def _genuine(self, reply: Reply, call: PendingCall) -> bool:
+        try:
+            self.verifier.verify_reply(
+                reply, call.envelope, expected_responder=call.expected_responder
+            )
+        except SigwireError:
+            return False  # delivered normally: the correlator fails the call
+        return True
 
     def _goaway(self, info: GoAwayInfo) -> None:
         log.info("%s is going away (%r): %r", self.url, info.reason, info.message)
@@ -329,6 +338,11 @@ class Peer:
                 await session.send_envelope(envelope)
             except ConnectionClosedError:
                 pass  # re-sent by the supervisor after reconnecting
+            except BaseException:
+                # Cancelled (the caller's deadline) while waiting for window
+                # credit: the call is over and must not be sent later.
+                self.correlator.discard(call)
+                raise
         return call
 
     async def request(
@@ -386,7 +400,11 @@ class Peer:
         envelope = self._envelope(kind, payload, metadata, fields)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        call = await self._submit(envelope)
+        try:
+            async with asyncio.timeout_at(deadline):
+                call = await self._submit(envelope)
+        except TimeoutError:
+            raise DeadlineExceededError(f"stream {kind!r} could not be sent in time") from None
         try:
             while True:
                 try:

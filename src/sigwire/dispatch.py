@@ -24,6 +24,7 @@ from typing import Protocol, TypeAlias
 from sigwire import _proto
 from sigwire.envelope import Envelope, Message, Reply, ReplyError, now_ms
 from sigwire.errors import (
+    HandlerCancelledError,
     HandlerError,
     KindUnknownError,
     MessageTooLargeError,
@@ -164,13 +165,15 @@ class TokenBuckets:
 class _Answer:
     """The answer to one (sender, id): filled by one handler task, read by any number."""
 
-    __slots__ = ("changed", "done", "expires", "replies", "size")
+    __slots__ = ("changed", "content", "done", "expires", "replies", "size")
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.done = False
         self.expires = 0.0
         self.size = 0
+        # What was asked (None for answers restored from a store).
+        self.content: int | None = None
         self.changed = asyncio.Event()
 
     def add(self, reply: Reply) -> None:
@@ -409,6 +412,9 @@ class Dispatcher:
             return
         key = (envelope.sender, envelope.id)
         entry = self.cache.get(key)
+        if entry is not None and entry.content not in (None, _content(envelope)):
+            # Same id, other request: its cached answer must not pass for this one's.
+            raise ReplayError("this id was already used for a different request")
         if entry is None:
             if not fresh:
                 raise ReplayError("a re-sent envelope whose answer is no longer cached")
@@ -428,6 +434,7 @@ class Dispatcher:
                 self.guard.release(envelope)
                 raise
             entry = self.cache.begin(key)
+            entry.content = _content(envelope)
             # The handler runs in its own task, not the caller's: if the
             # connection drops mid-way, it still finishes and its answer is
             # cached for the re-sent envelope.
@@ -444,7 +451,8 @@ class Dispatcher:
                 )
             yield reply
         if not entry.replies or not entry.replies[-1].final:
-            raise ShuttingDownError("the handler was cancelled before it answered")
+            # It had started: not SHUTTING_DOWN, which clients re-send on their own.
+            raise HandlerCancelledError("the handler was cancelled before it answered")
 
     async def _produce(
         self,
@@ -524,6 +532,23 @@ class Dispatcher:
     def running(self) -> tuple[asyncio.Task[None], ...]:
         """Tasks currently inside a handler."""
         return tuple(self._running)
+
+
+def _content(envelope: Envelope) -> int:
+    # What a request asks, whatever its nonce, timestamp and signature. Python's
+    # hash is keyed per process, so a peer cannot aim for a collision.
+    return hash(
+        (
+            envelope.kind,
+            envelope.payload,
+            envelope.recipient,
+            envelope.context_id,
+            envelope.task_id,
+            envelope.role,
+            envelope.content_type,
+            tuple(sorted(envelope.metadata.items())),
+        )
+    )
 
 
 def _crashed(envelope: Envelope) -> HandlerError:

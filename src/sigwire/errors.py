@@ -29,6 +29,7 @@ Every error sigwire raises derives from :class:`SigwireError`::
             * DeadlineExceededError     (DEADLINE_EXCEEDED)
             * ConnectionClosedError     the connection ended (CONNECTION_CLOSED)
                 * ShuttingDownError     the peer is draining (SHUTTING_DOWN)
+                    * HandlerCancelledError  stopped mid-handler (HANDLER_CANCELLED)
             * RemoteError               the peer answered with an unmapped error
         * NoTransportAvailableError     .attempts: what each candidate failed with
 
@@ -50,6 +51,7 @@ __all__ = [
     "ConnectionClosedError",
     "DeadlineExceededError",
     "EnvelopeError",
+    "HandlerCancelledError",
     "HandlerError",
     "InsecureKeyFileError",
     "InvalidDidError",
@@ -357,6 +359,12 @@ class ShuttingDownError(ConnectionClosedError):
     """The peer is draining and accepts no new work."""
 
     default_reason = "SHUTTING_DOWN"
+
+
+class HandlerCancelledError(ShuttingDownError):
+    """The agent stopped while this request's handler ran; it may or may not have acted."""
+
+    default_reason = "HANDLER_CANCELLED"
 
 
 class RemoteError(TransportError):

@@ -305,8 +305,8 @@ class Server:
         )
         call = self._enqueue(did, envelope, now_ms() + int(timeout * 1000))
         try:
-            await self._deliver(did)
             async with asyncio.timeout(timeout):
+                await self._deliver(did)
                 return await call.next()
         except TimeoutError:
             raise PushExpiredError(

@@ -97,6 +97,11 @@ class GoAwayInfo:
     grace_ms: int
 
 
+def _metadata_size(envelope: Envelope) -> int:
+    metadata = envelope.metadata
+    return sum(len(k) + len(v) for k, v in metadata.items()) if metadata else 0
+
+
 async def _check_batch(items: list[tuple[Signature | None, str, bytes]]) -> list[bool]:
     if len(items) < _BATCH_VERIFY:
         return [False] * len(items)  # verified inline by the full check
@@ -136,6 +141,7 @@ class _Credit:
 
 _CLOSE: Final = object()
 _ACK: Final = object()
+_PONG: Final = object()
 
 
 class Session:
@@ -193,6 +199,8 @@ class Session:
         self._received = 0
         self._acked = 0
         self._ack_queued = False
+        self._pong_queued = False
+        self._pong_token = 0
         self._last_heard = time.monotonic()
         self._ping_token = 0
         self._beat: asyncio.TimerHandle | None = None
@@ -377,12 +385,19 @@ class Session:
             if released:
                 self._credit.release(released)
         elif body == "ping":
-            self._queue.put_nowait(pb.Frame(pong=pb.Pong(token=frame.ping.token)))
+            # One pending pong at most, answering the latest ping: a peer that
+            # pings without reading cannot grow our queue.
+            self._pong_token = frame.ping.token
+            if not self._pong_queued:
+                self._pong_queued = True
+                self._queue.put_nowait(_PONG)
         elif body == "goaway":
             info = GoAwayInfo(frame.goaway.reason, frame.goaway.message, frame.goaway.grace_ms)
             self.goaway = info
             if self._on_goaway is not None:
                 self._on_goaway(info)
+        if len(self._unstarted) > 4 * self.options.window:
+            raise OverloadedError("peer sent frames far beyond the window it was granted")
         if body != "envelopes" and frame.sequence:
             # Replies are taken in charge on arrival, but acks are cumulative:
             # this one waits behind any earlier frame whose envelopes have not started.
@@ -456,7 +471,7 @@ class Session:
                     nxt = queue.get_nowait()
                     batch.append(nxt)
                     if isinstance(nxt, Envelope):
-                        size += len(nxt.payload)
+                        size += len(nxt.payload) + _metadata_size(nxt)
                     elif isinstance(nxt, Reply):
                         size += len(nxt.data)
                 stop = await self._flush(batch)
@@ -503,6 +518,10 @@ class Session:
                 replies.append(_proto.reply_to_pb(item))
             elif item is _ACK:
                 continue
+            elif item is _PONG:
+                self._pong_queued = False
+                await flush_messages()
+                await send(pb.Frame(pong=pb.Pong(token=self._pong_token)).SerializeToString())
             elif item is _CLOSE:
                 stop = True
             elif isinstance(item, pb.Frame):

@@ -157,8 +157,10 @@ async def test_resent_envelope_runs_the_handler_once(
 ) -> None:
     """The same signed envelope sent twice, then re-signed, is answered from the reply cache."""
     did = server.identity.did
+    # The very request peer.request builds (role "agent"), so that the retry below
+    # asks the same thing under a new nonce and signature.
     envelope = client_identity.sign_envelope(
-        sigwire.Envelope.new("counted", sender=client_identity.did, recipient=did)
+        sigwire.Envelope.new("counted", sender=client_identity.did, recipient=did, role="agent")
     )
     replies: list[sigwire.Reply] = []
     async with asyncio.timeout(TIMEOUT):

@@ -204,10 +204,10 @@ async def test_envelope_after_goaway_gets_shutting_down_reply(
     assert probe.calls["echo"] == 0
 
 
-async def test_handler_cancelled_at_stop_gets_shutting_down_reply(
+async def test_handler_cancelled_at_stop_gets_a_handler_cancelled_reply(
     server: sigwire.Server, probe: Probe, client_identity: sigwire.Identity
 ) -> None:
-    """A request whose handler is cancelled when the grace ends gets a SHUTTING_DOWN reply."""
+    """A request whose handler is cancelled when the grace ends is told so (HANDLER_CANCELLED)."""
     blocked = signed(client_identity, "block", b"held")
     async with asyncio.timeout(TIMEOUT):
         async with ws_connect(server.urls[1], subprotocols=[PROTO]) as ws:
@@ -221,7 +221,8 @@ async def test_handler_cancelled_at_stop_gets_shutting_down_reply(
     refused = replies[blocked.id]
     sigwire.Verifier().verify_reply(refused, blocked, expected_responder=server.identity.did)
     assert refused.error is not None
-    assert (refused.success, refused.error.reason) == (False, "SHUTTING_DOWN")
+    # Not SHUTTING_DOWN: the handler had started, so clients must not re-send it blindly.
+    assert (refused.success, refused.error.reason) == (False, "HANDLER_CANCELLED")
 
 
 async def test_well_known_card_is_served_as_json(server: sigwire.Server) -> None:
