@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -192,3 +193,38 @@ def test_serve_ws_and_send_falls_back_to_it(tmp_path: Path, env: dict[str, str])
             proc.wait(TIMEOUT)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_serve_store_keeps_answers_in_sqlite(tmp_path: Path, env: dict[str, str]) -> None:
+    """serve --store writes the reply cache to the SQLite file it names."""
+    import sqlite3
+
+    key, store = tmp_path / "server.pem", tmp_path / "agent.db"
+    Identity.generate().save(key)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sigwire", "serve", "--key", str(key),
+         "--grpc", f"127.0.0.1:{port}", "--store", str(store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        url = proc.stdout.readline().split()[-1]
+        sent = _sigwire("send", url, "echo", "--data", "kept", env=env)
+        assert sent.returncode == 0, sent.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    with sqlite3.connect(store) as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM answers").fetchone()
+    assert count == 1
