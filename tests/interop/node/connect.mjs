@@ -28,6 +28,43 @@ export function expect(condition, problem) {
 }
 
 /** Runs named checks, prints one line each, and the closing "N passed, M failed" line. */
+/** The reply succeeded and carries exactly `text`. */
+export function expectData(reply, text) {
+  expect(reply.success, `success is false: ${reply.error?.reason}`);
+  expect(
+    reply.data.toString("utf8") === text,
+    `data ${JSON.stringify(reply.data.toString())} != ${JSON.stringify(text)}`,
+  );
+}
+
+/** The agent's push of kind "ask" was verified and answered (either transport). */
+export async function checkPushAnswered(session) {
+  const push = await session.nextPush();
+  expect(push.envelope.kind === "ask", `kind ${push.envelope.kind}`);
+  expect(
+    push.reply.success,
+    `our reply was an error: ${push.reply.error?.reason} ${push.reply.error?.message}`,
+  );
+  // Frames are read in order: once this answer is here, the agent has our reply.
+  expectData((await session.request("echo", "after the push"))[0], "after the push");
+  return `${JSON.stringify(push.envelope.payload.toString())} -> ${JSON.stringify(push.reply.data.toString())}`;
+}
+
+/** An envelope changed after signing gets a signed SIGNATURE_INVALID reply; the stream goes on. */
+export async function checkTamperedEnvelope(session, identity, serverDid) {
+  const request = newEnvelope(identity, "echo", "signed", { recipient: serverDid });
+  let err = null;
+  try {
+    await session.requestEnvelope({ ...request, payload: Buffer.from("changed") });
+  } catch (caught) {
+    err = caught;
+  }
+  expect(err instanceof SigwireCheck && err.reply, `no error reply: ${err?.message}`);
+  expect(err.reason === "SIGNATURE_INVALID", `reason ${err.reason}`);
+  expectData((await session.request("echo", "still open"))[0], "still open");
+  return "and the stream goes on";
+}
+
 export class Checks {
   constructor() {
     this.passed = 0;

@@ -19,7 +19,16 @@ import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 import protobuf from "protobufjs";
 
-import { Checks, ConnectSession, expect, TIMEOUT_MS, within } from "./connect.mjs";
+import {
+  Checks,
+  checkPushAnswered,
+  checkTamperedEnvelope,
+  ConnectSession,
+  expect,
+  expectData,
+  TIMEOUT_MS,
+  within,
+} from "./connect.mjs";
 import {
   checkVector,
   didFromPublicKey,
@@ -127,13 +136,6 @@ async function expectRefusal(promise, code, reason) {
   return { info, note: `${code} ${reason}` };
 }
 
-function expectData(reply, text) {
-  expect(reply.success, `success is false: ${reply.error?.reason}`);
-  expect(
-    reply.data.toString("utf8") === text,
-    `data ${JSON.stringify(reply.data.toString())} != ${JSON.stringify(text)}`,
-  );
-}
 
 // --- the checks ----------------------------------------------------------------------
 
@@ -325,31 +327,15 @@ if (connected) {
     return "every reply verified";
   });
 
-  await checks.run("Connect: push of kind ask verified and answered", async () => {
-    const push = await session.nextPush();
-    expect(push.envelope.kind === "ask", `kind ${push.envelope.kind}`);
-    expect(
-      push.reply.success,
-      `our reply was an error: ${push.reply.error?.reason} ${push.reply.error?.message}`,
-    );
-    // Frames are read in order: once this answer is here, the agent has our reply.
-    expectData((await session.request("echo", "after the push"))[0], "after the push");
-    return `${JSON.stringify(push.envelope.payload.toString())} -> ${JSON.stringify(push.reply.data.toString())}`;
-  });
+  await checks.run(
+    "Connect: push of kind ask verified and answered",
+    () => checkPushAnswered(session),
+  );
 
-  await checks.run("Connect: tampered envelope gets a signed SIGNATURE_INVALID reply", async () => {
-    const request = newEnvelope(identity, "echo", "signed", { recipient: serverDid });
-    let err = null;
-    try {
-      await session.requestEnvelope({ ...request, payload: Buffer.from("changed") });
-    } catch (caught) {
-      err = caught;
-    }
-    expect(err instanceof SigwireCheck && err.reply, `no error reply: ${err?.message}`);
-    expect(err.reason === "SIGNATURE_INVALID", `reason ${err.reason}`);
-    expectData((await session.request("echo", "still open"))[0], "still open");
-    return "and the stream goes on";
-  });
+  await checks.run(
+    "Connect: tampered envelope gets a signed SIGNATURE_INVALID reply",
+    () => checkTamperedEnvelope(session, identity, serverDid),
+  );
 
   await checks.run("Connect: acks and frame sequence numbers", async () => {
     const acked = await session.allAcked();

@@ -11,7 +11,16 @@
 
 import WebSocket from "ws";
 
-import { Checks, ConnectSession, expect, TIMEOUT_MS, within } from "./connect.mjs";
+import {
+  Checks,
+  checkPushAnswered,
+  checkTamperedEnvelope,
+  ConnectSession,
+  expect,
+  expectData,
+  TIMEOUT_MS,
+  within,
+} from "./connect.mjs";
 import {
   cardFromJson,
   frameFromJson,
@@ -43,13 +52,6 @@ function open(subprotocols) {
   return within(opened, "the WebSocket handshake").then(() => ({ ws, closed }));
 }
 
-function expectData(reply, text) {
-  expect(reply.success, `success is false: ${reply.error?.reason}`);
-  expect(
-    reply.data.toString("utf8") === text,
-    `data ${JSON.stringify(reply.data.toString())} != ${JSON.stringify(text)}`,
-  );
-}
 
 const identity = Identity.generate();
 console.log(`did ${identity.did}`);
@@ -120,31 +122,15 @@ if (connection !== null) {
       return "0 1 2 3 + final";
     });
 
-    await checks.run("push of kind ask verified and answered", async () => {
-      const push = await session.nextPush();
-      expect(push.envelope.kind === "ask", `kind ${push.envelope.kind}`);
-      expect(
-        push.reply.success,
-        `our reply was an error: ${push.reply.error?.reason} ${push.reply.error?.message}`,
-      );
-      // Frames are read in order: once this answer is here, the agent has our reply.
-      expectData((await session.request("echo", "after the push"))[0], "after the push");
-      return `${JSON.stringify(push.envelope.payload.toString())} -> ${JSON.stringify(push.reply.data.toString())}`;
-    });
+    await checks.run(
+      "push of kind ask verified and answered",
+      () => checkPushAnswered(session),
+    );
 
-    await checks.run("tampered envelope gets a signed SIGNATURE_INVALID reply", async () => {
-      const request = newEnvelope(identity, "echo", "signed", { recipient: serverDid });
-      let err = null;
-      try {
-        await session.requestEnvelope({ ...request, payload: Buffer.from("changed") });
-      } catch (caught) {
-        err = caught;
-      }
-      expect(err instanceof SigwireCheck && err.reply, `no error reply: ${err?.message}`);
-      expect(err.reason === "SIGNATURE_INVALID", `reason ${err.reason}`);
-      expectData((await session.request("echo", "still open"))[0], "still open");
-      return "and the stream goes on";
-    });
+    await checks.run(
+      "tampered envelope gets a signed SIGNATURE_INVALID reply",
+      () => checkTamperedEnvelope(session, identity, serverDid),
+    );
 
     await checks.run("acks, frame sequence numbers, text messages only", async () => {
       const acked = await session.allAcked();
