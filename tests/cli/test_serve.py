@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,30 @@ def _sigwire(
     )
 
 
+@contextlib.contextmanager
+def _serving(
+    key: Path, *args: str, env: dict[str, str], stderr: int = subprocess.DEVNULL
+) -> Iterator[subprocess.Popen[str]]:
+    """A `sigwire serve --key KEY ARGS...` process, killed if still running at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sigwire", "serve", "--key", str(key), *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
@@ -48,35 +73,12 @@ def served(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Pop
     identity = Identity.generate()
     identity.save(key)
     port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sigwire",
-            "serve",
-            "--key",
-            str(key),
-            "--grpc",
-            f"127.0.0.1:{port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    assert first.strip() == f"sigwire agent {identity.did}", first
-    url = proc.stdout.readline().split()[-1]
-    try:
+    with _serving(key, "--grpc", f"127.0.0.1:{port}", env=env, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.strip() == f"sigwire agent {identity.did}", first
+        url = proc.stdout.readline().split()[-1]
         yield proc, url, identity.did
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(TIMEOUT)
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_send_ping_describe_and_drain_on_sigterm(
@@ -141,25 +143,8 @@ def test_serve_ws_and_send_falls_back_to_it(tmp_path: Path, env: dict[str, str])
     key = tmp_path / "server.pem"
     Identity.generate().save(key)
     grpc_port, ws_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sigwire",
-            "serve",
-            "--key",
-            str(key),
-            "--grpc",
-            f"127.0.0.1:{grpc_port}",
-            "--ws",
-            f"127.0.0.1:{ws_port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
+    listen = ("--grpc", f"127.0.0.1:{grpc_port}", "--ws", f"127.0.0.1:{ws_port}")
+    with _serving(key, *listen, env=env) as proc:
         assert proc.stdout is not None
         lines = [proc.stdout.readline().strip() for _ in range(3)]
         ws_url = f"ws://127.0.0.1:{ws_port}/sigwire/v1"
@@ -187,12 +172,6 @@ def test_serve_ws_and_send_falls_back_to_it(tmp_path: Path, env: dict[str, str])
         ]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(TIMEOUT)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_serve_store_keeps_answers_in_sqlite(tmp_path: Path, env: dict[str, str]) -> None:
@@ -202,15 +181,8 @@ def test_serve_store_keeps_answers_in_sqlite(tmp_path: Path, env: dict[str, str]
     key, store = tmp_path / "server.pem", tmp_path / "agent.db"
     Identity.generate().save(key)
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sigwire", "serve", "--key", str(key),
-         "--grpc", f"127.0.0.1:{port}", "--store", str(store)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )  # fmt: skip
-    try:
+    listen = ("--grpc", f"127.0.0.1:{port}", "--store", str(store))
+    with _serving(key, *listen, env=env) as proc:
         assert proc.stdout is not None
         proc.stdout.readline()
         url = proc.stdout.readline().split()[-1]
@@ -218,12 +190,6 @@ def test_serve_store_keeps_answers_in_sqlite(tmp_path: Path, env: dict[str, str]
         assert sent.returncode == 0, sent.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(TIMEOUT)
-        if proc.stdout is not None:
-            proc.stdout.close()
     assert stat.S_IMODE(store.stat().st_mode) == 0o600
     with sqlite3.connect(store) as db:
         (count,) = db.execute("SELECT COUNT(*) FROM answers").fetchone()
