@@ -103,8 +103,6 @@ def _metadata_size(envelope: Envelope) -> int:
 
 
 async def _check_batch(items: list[tuple[Signature | None, str, bytes]]) -> list[bool]:
-    if len(items) < _BATCH_VERIFY:
-        return [False] * len(items)  # verified inline by the full check
     return await asyncio.to_thread(Verifier.signatures_valid, items)
 
 
@@ -342,6 +340,8 @@ class Session:
             self._begin_close(ConnectionClosedError(f"{self.name}: stream failed"))
 
     async def _take(self, frame: pb.Frame) -> None:
+        if frame.acked:
+            self._release(frame.acked)
         body = frame.WhichOneof("body")
         if body == "envelopes":
             # Never block the reader: replies to our own requests may sit in
@@ -361,9 +361,12 @@ class Session:
             entry = [frame.sequence, count]
             self._unstarted.append(entry)
             envelopes = [_proto.envelope_from_pb(msg) for msg in frame.envelopes.envelopes]
-            checked = await _check_batch(
-                [(e.signature, e.sender, e.signing_input()) for e in envelopes]
-            )
+            if count < _BATCH_VERIFY:
+                checked = [False] * count  # verified inline by the dispatcher's full check
+            else:
+                checked = await _check_batch(
+                    [(e.signature, e.sender, e.signing_input()) for e in envelopes]
+                )
             self._backlog.extend(
                 (envelope, entry, ok) for envelope, ok in zip(envelopes, checked, strict=True)
             )
@@ -372,18 +375,16 @@ class Session:
             if len(frame.replies.replies) > _MAX_FRAME_MESSAGES:
                 raise OverloadedError("a frame of more replies than any writer batches")
             replies = [_proto.reply_from_pb(msg) for msg in frame.replies.replies]
-            checked = await _check_batch(
-                [(r.signature, r.responder, r.signing_input()) for r in replies]
-            )
+            if len(replies) < _BATCH_VERIFY:
+                checked = [False] * len(replies)  # verified inline by the correlator
+            else:
+                checked = await _check_batch(
+                    [(r.signature, r.responder, r.signing_input()) for r in replies]
+                )
             for reply, ok in zip(replies, checked, strict=True):
                 self._on_reply(reply, ok)
         elif body == "ack":
-            unacked = self._unacked
-            released = 0
-            while unacked and unacked[0][0] <= frame.ack.sequence:
-                released += unacked.popleft()[1]
-            if released:
-                self._credit.release(released)
+            self._release(frame.ack.sequence)
         elif body == "ping":
             # One pending pong at most, answering the latest ping: a peer that
             # pings without reading cannot grow our queue.
@@ -403,6 +404,14 @@ class Session:
             # this one waits behind any earlier frame whose envelopes have not started.
             self._unstarted.append([frame.sequence, 0])
             self._advance_ack()
+
+    def _release(self, sequence: int) -> None:
+        unacked = self._unacked
+        released = 0
+        while unacked and unacked[0][0] <= sequence:
+            released += unacked.popleft()[1]
+        if released:
+            self._credit.release(released)
 
     def _pump(self) -> None:
         while self._backlog and self._serving < self.options.window:
@@ -485,55 +494,62 @@ class Session:
                 await self.stream.close()
 
     async def _flush(self, batch: list[object]) -> bool:
-        send = self.stream.send
+        frames: list[pb.Frame] = []
         envelopes: list[pb.Envelope] = []
         replies: list[pb.Reply] = []
         stop = False
 
-        async def flush_messages() -> None:
+        def close_messages() -> None:
             if envelopes:
                 self._sent += len(envelopes)
-                frame = pb.Frame(
-                    sequence=self._sent, envelopes=pb.EnvelopeBatch(envelopes=envelopes)
+                frames.append(
+                    pb.Frame(
+                        sequence=self._sent,
+                        envelopes=pb.EnvelopeBatch(envelopes=envelopes),
+                    )
                 )
                 # Envelopes hold window credit until the peer acks this frame.
                 self._unacked.append((self._sent, len(envelopes)))
                 envelopes.clear()
-                await send(frame.SerializeToString())
             if replies:
                 self._reply_room.release(len(replies))
                 self._sent += len(replies)
-                frame = pb.Frame(sequence=self._sent, replies=pb.ReplyBatch(replies=replies))
+                frames.append(pb.Frame(sequence=self._sent, replies=pb.ReplyBatch(replies=replies)))
                 replies.clear()
-                await send(frame.SerializeToString())
 
         for item in batch:
             if isinstance(item, Envelope):
                 if replies:
-                    await flush_messages()
+                    close_messages()
                 envelopes.append(_proto.envelope_to_pb(item))
             elif isinstance(item, Reply):
                 if envelopes:
-                    await flush_messages()
+                    close_messages()
                 replies.append(_proto.reply_to_pb(item))
             elif item is _ACK:
                 continue
             elif item is _PONG:
                 self._pong_queued = False
-                await flush_messages()
-                await send(pb.Frame(pong=pb.Pong(token=self._pong_token)).SerializeToString())
+                close_messages()
+                frames.append(pb.Frame(pong=pb.Pong(token=self._pong_token)))
             elif item is _CLOSE:
                 stop = True
             elif isinstance(item, pb.Frame):
-                await flush_messages()
-                await send(item.SerializeToString())
-        await flush_messages()
-        # Acks ride at the end of every flush: cumulative, so one suffices.
-        if self._ack_queued or self._received > self._acked:
-            self._ack_queued = False
-            if self._received > self._acked:
-                self._acked = self._received
-                await send(pb.Frame(ack=pb.Ack(sequence=self._acked)).SerializeToString())
+                close_messages()
+                frames.append(item)
+        close_messages()
+        # The pending ack (cumulative, so one suffices) rides on the last frame
+        # written anyway; only when there is none does it take a frame of its own.
+        self._ack_queued = False
+        if self._received > self._acked:
+            self._acked = self._received
+            if frames:
+                frames[-1].acked = self._acked
+            else:
+                frames.append(pb.Frame(ack=pb.Ack(sequence=self._acked)))
+        send = self.stream.send
+        for frame in frames:
+            await send(frame.SerializeToString())
         return stop
 
     def _heartbeat(self) -> None:

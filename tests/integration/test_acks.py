@@ -17,8 +17,11 @@ async def _next_ack(call: grpc.aio.StreamStreamCall[bytes, bytes]) -> int:
     while True:
         frame = pb.Frame()
         frame.ParseFromString(await call.read())
+        # Standalone, or riding on a data frame (Frame.acked).
         if frame.WhichOneof("body") == "ack":
             return frame.ack.sequence
+        if frame.acked:
+            return frame.acked
 
 
 async def test_a_frame_of_replies_alone_is_acknowledged(

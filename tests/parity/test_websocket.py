@@ -189,7 +189,10 @@ async def test_envelope_after_goaway_gets_shutting_down_reply(
             while not any(f.WhichOneof("body") == "goaway" for f in frames):
                 frames.append(await next_frame(ws))
             await ws.send(binary_frame(2, late))
-            while not any(f.WhichOneof("body") == "ack" and f.ack.sequence >= 2 for f in frames):
+            while not any(
+                max(f.acked, f.ack.sequence if f.WhichOneof("body") == "ack" else 0) >= 2
+                for f in frames
+            ):
                 frames.append(await next_frame(ws))
             probe.gate.set()
             frames += await frames_until_closed(ws)

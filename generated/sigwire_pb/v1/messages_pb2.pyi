@@ -452,11 +452,18 @@ class Frame(_message.Message):
     PING_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
     GOAWAY_FIELD_NUMBER: _builtins.int
+    ACKED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """On frames carrying envelopes or replies: how many envelopes and replies
     this side has sent on the stream, through the last one in this frame
     (each envelope and each reply counts one; the first frame of one
     message has sequence 1). 0 on acks, pings, pongs and goaways.
+    """
+    acked: _builtins.int
+    """Cumulative acknowledgement riding on any frame, with the same meaning as
+    Ack.sequence (0 = none). A writer puts its pending ack on the last frame
+    it writes anyway, so acks cost no stream message of their own while data
+    flows; a standalone Ack frame goes out only when nothing else does.
     """
     @_builtins.property
     def envelopes(self) -> Global___EnvelopeBatch:
@@ -486,10 +493,11 @@ class Frame(_message.Message):
         ping: Global___Ping | None = ...,
         pong: Global___Pong | None = ...,
         goaway: Global___GoAway | None = ...,
+        acked: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "envelopes", b"envelopes", "goaway", b"goaway", "ping", b"ping", "pong", b"pong", "replies", b"replies"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "envelopes", b"envelopes", "goaway", b"goaway", "ping", b"ping", "pong", b"pong", "replies", b"replies", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "acked", b"acked", "body", b"body", "envelopes", b"envelopes", "goaway", b"goaway", "ping", b"ping", "pong", b"pong", "replies", b"replies", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["envelopes", "replies", "ack", "ping", "pong", "goaway"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

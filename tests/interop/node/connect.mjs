@@ -186,6 +186,8 @@ export class ConnectSession {
   }
 
   receive(frame) {
+    // An ack may ride on any frame (Frame.acked), or come alone (body "ack").
+    if (frame.acked !== undefined && BigInt(frame.acked) > 0n) this.takeAck(BigInt(frame.acked));
     switch (frame.body) {
       case "envelopes":
       case "replies": {
@@ -202,14 +204,9 @@ export class ConnectSession {
         }
         break;
       }
-      case "ack": {
-        const n = BigInt(frame.ack.sequence);
-        if (n > this.acked) this.acked = n;
-        this.ackWaiters = this.ackWaiters.filter(([want, resolve]) =>
-          n >= want ? resolve(n) : true,
-        );
+      case "ack":
+        this.takeAck(BigInt(frame.ack.sequence));
         break;
-      }
       case "ping":
         this.pings++;
         this.send({ pong: { token: frame.ping.token } });
@@ -220,6 +217,11 @@ export class ConnectSession {
       default:
         break;
     }
+  }
+
+  takeAck(n) {
+    if (n > this.acked) this.acked = n;
+    this.ackWaiters = this.ackWaiters.filter(([want, resolve]) => (n >= want ? resolve(n) : true));
   }
 
   takeReply(reply) {

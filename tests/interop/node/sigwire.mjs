@@ -589,7 +589,11 @@ const BODIES = ["envelopes", "replies", "ack", "ping", "pong", "goaway"];
 export function frameFromJson(text) {
   const obj = JSON.parse(text);
   const r = reader(obj);
-  const frame = { sequence: r.int("sequence"), body: BODIES.find((b) => r.msg(b) !== null) };
+  const frame = {
+    sequence: r.int("sequence"),
+    acked: r.int("acked"),
+    body: BODIES.find((b) => r.msg(b) !== null),
+  };
   const body = reader(r.msg(frame.body));
   if (frame.body === "envelopes")
     frame.envelopes = { envelopes: body.list("envelopes").map(envelopeFromJson) };
@@ -612,6 +616,7 @@ export function frameFromJson(text) {
 /** The JSON text of a Frame given in the shape proto-loader takes. */
 export function frameToJson(frame) {
   const out = { sequence: String(frame.sequence ?? 0) };
+  if (frame.acked !== undefined && BigInt(frame.acked) > 0n) out.acked = String(frame.acked);
   if (frame.envelopes) out.envelopes = { envelopes: frame.envelopes.envelopes.map(envelopeToJson) };
   else if (frame.replies) out.replies = { replies: frame.replies.replies.map(replyToJson) };
   else if (frame.ack) out.ack = { sequence: String(frame.ack.sequence) };
