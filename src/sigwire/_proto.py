@@ -13,6 +13,7 @@ from typing import TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
+from sigwire.batch import MAX_PATH_LENGTH, BatchProof
 from sigwire.envelope import (
     MAX_METADATA_ENTRIES,
     AgentCard,
@@ -45,13 +46,24 @@ __all__ = [
 
 
 def _signature_from_pb(msg: pb.Signature) -> Signature:
-    return Signature(signer=msg.signer, algorithm=msg.algorithm, value=msg.value)
+    if not msg.HasField("batch"):
+        return Signature(signer=msg.signer, algorithm=msg.algorithm, value=msg.value)
+    batch = msg.batch
+    if len(batch.path) > MAX_PATH_LENGTH:
+        raise EnvelopeError(f"a batch proof has at most {MAX_PATH_LENGTH} hashes")
+    proof = BatchProof(index=batch.index, size=batch.size, path=tuple(batch.path))
+    return Signature(signer=msg.signer, algorithm=msg.algorithm, value=msg.value, batch=proof)
 
 
 def _set_signature(target: pb.Signature, signature: Signature) -> None:
     target.signer = signature.signer
     target.algorithm = signature.algorithm
     target.value = signature.value
+    proof = signature.batch
+    if proof is not None:
+        target.batch.index = proof.index
+        target.batch.size = proof.size
+        target.batch.path.extend(proof.path)
 
 
 def envelope_to_pb(envelope: Envelope) -> pb.Envelope:

@@ -21,7 +21,14 @@ from types import TracebackType
 from typing import Any, Self
 
 from sigwire.calls import Correlator, PendingCall
-from sigwire.dispatch import HELLO_KIND, Dispatcher, Handler, Handlers, Limits
+from sigwire.dispatch import (
+    BATCH_SIGNATURES_KEY,
+    HELLO_KIND,
+    Dispatcher,
+    Handler,
+    Handlers,
+    Limits,
+)
 from sigwire.envelope import AgentCard, Envelope, Reply
 from sigwire.errors import (
     ConnectionClosedError,
@@ -192,6 +199,9 @@ class Peer:
             on_reply=self._on_reply,
             options=self.session_options,
             on_goaway=self._goaway,
+            on_signed=self._signed,
+            # Every sigwire agent accepts batch-signed requests (docs/signing.md 4.5).
+            batch_signatures=True,
             name=f"client {target.url}",
         )
         task = asyncio.create_task(session.run(), name=f"sigwire-session {target.url}")
@@ -206,7 +216,12 @@ class Peer:
                 self.verifier.verify_card(card)
                 expected = card.did
             hello = self.identity.sign_envelope(
-                Envelope.new(HELLO_KIND, sender=self.did, recipient=expected or "")
+                Envelope.new(
+                    HELLO_KIND,
+                    sender=self.did,
+                    recipient=expected or "",
+                    metadata={BATCH_SIGNATURES_KEY: "1"},
+                )
             )
             call = self.correlator.add(hello, expected_responder=expected)
             try:
@@ -242,6 +257,13 @@ class Peer:
             for call in todo:
                 call.sent_on = session
                 await session.send_envelope(call.envelope)
+
+    def _signed(self, unsigned: Envelope, signed: Envelope) -> None:
+        # The session's writer signed a request: keep the signed one, to re-send
+        # it unchanged and to check the replies bound to its signature.
+        call = self.correlator.get(signed.id)
+        if call is not None and call.envelope is unsigned:
+            call.envelope = signed
 
     def _on_reply(self, reply: Reply, signature_checked: bool = False) -> None:
         error = reply.error
@@ -323,7 +345,9 @@ class Peer:
             id=extra.get("id"),
         )
         envelope.validate()  # the agent would refuse it; say so here
-        return self.identity.sign_envelope(envelope)
+        # Signed by the session's writer, together with whatever else the
+        # frame carries (one batch signature for the lot).
+        return envelope
 
     async def _submit(self, envelope: Envelope) -> PendingCall:
         if self._failure is not None:

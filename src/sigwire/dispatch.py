@@ -38,6 +38,7 @@ from sigwire.signing import Identity, ReplayGuard, Verifier
 from sigwire.store import SqliteStore
 
 __all__ = [
+    "BATCH_SIGNATURES_KEY",
     "HELLO_KIND",
     "Dispatcher",
     "Handler",
@@ -57,6 +58,8 @@ Handler: TypeAlias = Callable[[Message], Awaitable[HandlerResult] | AsyncIterato
 # Reserved kind: the first envelope on a Connect stream, binding the stream to
 # its (verified) sender so that the other side can push to it by DID.
 HELLO_KIND = "sigwire.hello"
+# Hello metadata by which a peer says it accepts batch signatures (value "1").
+BATCH_SIGNATURES_KEY = "sigwire.batch-signatures"
 RESERVED_PREFIX = "sigwire."
 
 
@@ -294,8 +297,11 @@ class ReplyCache:
 class SessionHooks(Protocol):
     """What a stream session lets the dispatcher do (bind it to a DID)."""
 
-    def bind(self, did: str) -> None:
-        """Record that the stream's peer is ``did`` (verified by its hello)."""
+    def bind(self, did: str, *, batch_signatures: bool = False) -> None:
+        """Record that the stream's peer is ``did`` (verified by its hello).
+
+        ``batch_signatures``: the hello says the peer accepts batch signatures.
+        """
 
 
 class Dispatcher:
@@ -371,8 +377,9 @@ class Dispatcher:
         *,
         unary: bool = False,
         authenticated: bool = False,
+        sign: bool = True,
     ) -> AsyncIterator[Reply]:
-        """Run the whole pipeline on one envelope and yield its signed replies.
+        """Run the whole pipeline on one envelope and yield its replies.
 
         Args:
             envelope: The decoded inbound envelope.
@@ -382,6 +389,8 @@ class Dispatcher:
                 every check, so that unauthenticated callers learn nothing.
             authenticated: The caller already verified this very envelope's
                 signature (a stream verifies a frame's envelopes in one batch).
+            sign: Sign each reply. A stream leaves them unsigned: its writer
+                signs what one frame carries in one batch signature.
 
         Raises:
             SigwireError: A rejection before the handler (see :meth:`admit`).
@@ -406,9 +415,13 @@ class Dispatcher:
                 raise ReplayError("a hello is valid once")
             if self.buckets is not None:
                 self.buckets.take(envelope.sender)
-            session.bind(envelope.sender)
+            session.bind(
+                envelope.sender,
+                batch_signatures=envelope.metadata.get(BATCH_SIGNATURES_KEY) == "1",
+            )
             # The hello reply tells the peer our size limit, before it sends anything.
-            yield self.reply(envelope, str(self.limits.max_message_size))
+            hello_reply = self.reply(envelope, str(self.limits.max_message_size))
+            yield self.identity.sign_reply(hello_reply) if sign else hello_reply
             return
         key = (envelope.sender, envelope.id)
         entry = self.cache.get(key)
@@ -446,9 +459,9 @@ class Dispatcher:
             if reply.request_digest != digest:
                 # A re-signed retry (same id, new nonce or timestamp): the cached
                 # answer is re-bound to the request that asked for it this time.
-                reply = self.identity.sign_reply(
-                    dataclasses.replace(reply, request_digest=digest, signature=None)
-                )
+                reply = dataclasses.replace(reply, request_digest=digest, signature=None)
+            if sign and reply.signature is None:
+                reply = self.identity.sign_reply(reply)
             yield reply
         if not entry.replies or not entry.replies[-1].final:
             # It had started: not SHUTTING_DOWN, which clients re-send on their own.
@@ -487,7 +500,7 @@ class Dispatcher:
     def reply(
         self, envelope: Envelope, result: HandlerResult, *, sequence: int = 0, final: bool = True
     ) -> Reply:
-        """A signed successful reply to ``envelope``."""
+        """A successful reply to ``envelope``, not yet signed."""
         content_type = ""
         if result is None:
             data = b""
@@ -501,32 +514,28 @@ class Dispatcher:
             # The peer would refuse the frame and the stream would reset on
             # every re-send; _produce answers with this error instead.
             raise MessageTooLargeError(len(data), self.limits.max_message_size)
-        return self.identity.sign_reply(
-            Reply(
-                request_id=envelope.id,
-                request_digest=envelope.digest(),
-                responder=self.identity.did,
-                data=data,
-                content_type=content_type,
-                created_at_ms=now_ms(),
-                sequence=sequence,
-                final=final,
-            )
+        return Reply(
+            request_id=envelope.id,
+            request_digest=envelope.digest(),
+            responder=self.identity.did,
+            data=data,
+            content_type=content_type,
+            created_at_ms=now_ms(),
+            sequence=sequence,
+            final=final,
         )
 
     def error_reply(self, envelope: Envelope, exc: SigwireError, *, sequence: int = 0) -> Reply:
-        """A signed failed (and final) reply to ``envelope``."""
-        return self.identity.sign_reply(
-            Reply(
-                request_id=envelope.id,
-                request_digest=envelope.digest(),
-                responder=self.identity.did,
-                success=False,
-                error=ReplyError(reason=exc.reason, message=exc.message, details=exc.details),
-                created_at_ms=now_ms(),
-                sequence=sequence,
-                final=True,
-            )
+        """A failed (and final) reply to ``envelope``, not yet signed."""
+        return Reply(
+            request_id=envelope.id,
+            request_digest=envelope.digest(),
+            responder=self.identity.did,
+            success=False,
+            error=ReplyError(reason=exc.reason, message=exc.message, details=exc.details),
+            created_at_ms=now_ms(),
+            sequence=sequence,
+            final=True,
         )
 
     def running(self) -> tuple[asyncio.Task[None], ...]:

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Self
 
+from sigwire.batch import BatchProof, leaf_hash
 from sigwire.errors import EnvelopeError
 
 __all__ = [
@@ -110,16 +111,28 @@ class Signature:
         signer: DID of the signer (its ``did:key``); must be the message's author.
         algorithm: ``"Ed25519"``, the only algorithm defined.
         value: The raw signature, 64 bytes for Ed25519.
+        batch: Set when ``value`` signs a batch of messages
+            (:mod:`sigwire.batch`): this message's inclusion proof.
     """
 
     signer: str
     algorithm: str
     value: bytes
+    batch: BatchProof | None = None
 
 
-def signature_digest(signature: Signature | None) -> bytes:
-    """SHA-256 of a signature's value; what a Reply's ``request_digest`` holds."""
-    return _sha256(signature.value if signature is not None else b"")
+def signature_digest(signature: Signature | None, signing_input: bytes = b"") -> bytes:
+    """What a Reply's ``request_digest`` holds for a request with ``signature``.
+
+    SHA-256 of the signature value; for a batch signature, which many requests
+    share, SHA-256 of the value followed by the request's own Merkle leaf
+    (computed from ``signing_input``), so that each digest names one request.
+    """
+    if signature is None:
+        return _EMPTY_SHA256
+    if signature.batch is not None:
+        return _sha256(signature.value + leaf_hash(signing_input))
+    return _sha256(signature.value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -249,8 +262,11 @@ class Envelope:
         _require(size <= MAX_METADATA_BYTES, f"metadata exceeds {MAX_METADATA_BYTES} bytes")
 
     def digest(self) -> bytes:
-        """SHA-256 of this envelope's signature value, as replies bind it."""
-        return signature_digest(self.signature)
+        """What replies to this envelope carry as ``request_digest``."""
+        signature = self.signature
+        if signature is not None and signature.batch is not None:
+            return signature_digest(signature, self.signing_input())
+        return signature_digest(signature)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

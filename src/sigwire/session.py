@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from sigwire import _proto
 from sigwire._proto import pb
@@ -137,6 +137,7 @@ class _Credit:
         changed.set()
 
 
+_M = TypeVar("_M", Envelope, Reply)
 _CLOSE: Final = object()
 _ACK: Final = object()
 _PONG: Final = object()
@@ -154,7 +155,16 @@ class Session:
         on_goaway: Called when the peer announces it is going away.
         on_bind: Called once when the peer's hello binds the session to its DID.
         on_closed: Called once when the session has ended.
+        on_signed: Called with (unsigned, signed) for every envelope the
+            writer signed, before it is written (the owner keeps the signed
+            one to re-send it and to check the replies bound to it).
+        batch_signatures: Sign what one frame carries with one batch
+            signature (``docs/signing.md`` 4.5). A server turns it on when the
+            peer's hello says it accepts them; every sigwire agent does.
         name: For log lines.
+
+    Envelopes and replies queued unsigned, authored by the dispatcher's
+    identity, are signed by the writer as it builds each frame.
     """
 
     def __init__(
@@ -167,6 +177,8 @@ class Session:
         on_goaway: Callable[[GoAwayInfo], None] | None = None,
         on_bind: Callable[[Session, str], None] | None = None,
         on_closed: Callable[[Session], None] | None = None,
+        on_signed: Callable[[Envelope, Envelope], None] | None = None,
+        batch_signatures: bool = False,
         name: str = "session",
     ) -> None:
         self.stream = stream
@@ -183,6 +195,9 @@ class Session:
         self._on_goaway = on_goaway
         self._on_bind = on_bind
         self._on_closed = on_closed
+        self._on_signed = on_signed
+        self.batch_signatures = batch_signatures
+        self._identity = dispatcher.identity
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._credit = _Credit(self.options.window)
         self._reply_room = _Credit(4 * self.options.window)
@@ -208,17 +223,18 @@ class Session:
 
     # -- owner API ---------------------------------------------------------
 
-    def bind(self, did: str) -> None:
-        """Record the peer's verified DID (from its hello)."""
+    def bind(self, did: str, *, batch_signatures: bool = False) -> None:
+        """Record the peer's verified DID (from its hello), and what it accepts."""
         if self.peer_did is not None:
             return
         self.peer_did = did
+        self.batch_signatures = self.batch_signatures or batch_signatures
         self.bound.set()
         if self._on_bind is not None:
             self._on_bind(self, did)
 
     async def send_envelope(self, envelope: Envelope) -> None:
-        """Queue a signed envelope, waiting for window space.
+        """Queue an envelope (signed, or to be signed by the writer), waiting for window space.
 
         Raises:
             ConnectionClosedError: The session is closed.
@@ -227,7 +243,7 @@ class Session:
         self._queue.put_nowait(envelope)
 
     async def send_reply(self, reply: Reply) -> None:
-        """Queue a signed reply, waiting while too many wait to be written.
+        """Queue a reply (signed, or to be signed by the writer), waiting for room.
 
         Replies take no window credit from the peer: they answer envelopes
         that already did, and waiting on the peer's acks for them could
@@ -449,7 +465,7 @@ class Session:
         try:
             try:
                 async for reply in self.dispatcher.dispatch(
-                    envelope, self, authenticated=authenticated
+                    envelope, self, authenticated=authenticated, sign=False
                 ):
                     await self.send_reply(reply)
             except ConnectionClosedError as exc:
@@ -495,37 +511,41 @@ class Session:
 
     async def _flush(self, batch: list[object]) -> bool:
         frames: list[pb.Frame] = []
-        envelopes: list[pb.Envelope] = []
-        replies: list[pb.Reply] = []
+        envelopes: list[Envelope] = []
+        replies: list[Reply] = []
         stop = False
 
         def close_messages() -> None:
             if envelopes:
                 self._sent += len(envelopes)
-                frames.append(
-                    pb.Frame(
-                        sequence=self._sent,
-                        envelopes=pb.EnvelopeBatch(envelopes=envelopes),
-                    )
-                )
+                signed = self._sign(envelopes)
+                if self._on_signed is not None:
+                    for before, after in zip(envelopes, signed, strict=True):
+                        if before is not after:
+                            self._on_signed(before, after)
+                batch = pb.EnvelopeBatch(envelopes=[_proto.envelope_to_pb(e) for e in signed])
+                frames.append(pb.Frame(sequence=self._sent, envelopes=batch))
                 # Envelopes hold window credit until the peer acks this frame.
                 self._unacked.append((self._sent, len(envelopes)))
                 envelopes.clear()
             if replies:
                 self._reply_room.release(len(replies))
                 self._sent += len(replies)
-                frames.append(pb.Frame(sequence=self._sent, replies=pb.ReplyBatch(replies=replies)))
+                answers = pb.ReplyBatch(
+                    replies=[_proto.reply_to_pb(r) for r in self._sign(replies)]
+                )
+                frames.append(pb.Frame(sequence=self._sent, replies=answers))
                 replies.clear()
 
         for item in batch:
             if isinstance(item, Envelope):
                 if replies:
                     close_messages()
-                envelopes.append(_proto.envelope_to_pb(item))
+                envelopes.append(item)
             elif isinstance(item, Reply):
                 if envelopes:
                     close_messages()
-                replies.append(_proto.reply_to_pb(item))
+                replies.append(item)
             elif item is _ACK:
                 continue
             elif item is _PONG:
@@ -551,6 +571,30 @@ class Session:
         for frame in frames:
             await send(frame.SerializeToString())
         return stop
+
+    def _sign(self, messages: list[_M]) -> list[_M]:
+        # Sign what was queued unsigned (our own requests and answers): in one
+        # batch signature when the peer accepts them, else one by one.
+        identity = self._identity
+        did = identity.did
+        todo = [
+            i
+            for i, m in enumerate(messages)
+            if m.signature is None and (m.sender if isinstance(m, Envelope) else m.responder) == did
+        ]
+        if not todo:
+            return messages
+        if self.batch_signatures and len(todo) > 1:
+            signed = identity.sign_batch([messages[i] for i in todo])
+        else:
+            signed = [
+                identity.sign_envelope(m) if isinstance(m, Envelope) else identity.sign_reply(m)
+                for m in (messages[i] for i in todo)
+            ]
+        out = list(messages)
+        for i, message in zip(todo, signed, strict=True):
+            out[i] = message
+        return out
 
     def _heartbeat(self) -> None:
         # A timer, not a task: an idle stream then costs no coroutine frame.

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csigwire_pb/v1/messages.proto\x12\nsigwire.v1\"=\n\tSignature\x12\x0e\n\x06signer\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\"\xd8\x02\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\x12\n\ncontext_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12\x34\n\x08metadata\x18\n \x03(\x0b\x32\".sigwire.v1.Envelope.MetadataEntry\x12\x15\n\rcreated_at_ms\x18\x0b \x01(\x03\x12\r\n\x05nonce\x18\x0c \x01(\x0c\x12(\n\tsignature\x18\x0f \x01(\x0b\x32\x15.sigwire.v1.Signature\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x05\x45rror\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x1e.sigwire.v1.Error.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xff\x01\n\x05Reply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.sigwire.v1.Error\x12\x11\n\tresponder\x18\x06 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08sequence\x18\x08 \x01(\x04\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\x16\n\x0erequest_digest\x18\n \x01(\x0c\x12(\n\tsignature\x18\x0f \x01(\x0b\x32\x15.sigwire.v1.Signature\"8\n\rEnvelopeBatch\x12\'\n\tenvelopes\x18\x01 \x03(\x0b\x32\x14.sigwire.v1.Envelope\"0\n\nReplyBatch\x12\"\n\x07replies\x18\x01 \x03(\x0b\x32\x11.sigwire.v1.Reply\"\x17\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\")\n\x04Ping\x12\r\n\x05token\x18\x01 \x01(\x04\x12\x12\n\nsent_at_ms\x18\x02 \x01(\x03\"\x15\n\x04Pong\x12\r\n\x05token\x18\x01 \x01(\x04\";\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08grace_ms\x18\x03 \x01(\r\"\x95\x02\n\x05\x46rame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\tenvelopes\x18\x02 \x01(\x0b\x32\x19.sigwire.v1.EnvelopeBatchH\x00\x12)\n\x07replies\x18\x03 \x01(\x0b\x32\x16.sigwire.v1.ReplyBatchH\x00\x12\x1e\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x0f.sigwire.v1.AckH\x00\x12 \n\x04ping\x18\x05 \x01(\x0b\x32\x10.sigwire.v1.PingH\x00\x12 \n\x04pong\x18\x06 \x01(\x0b\x32\x10.sigwire.v1.PongH\x00\x12$\n\x06goaway\x18\x07 \x01(\x0b\x32\x12.sigwire.v1.GoAwayH\x00\x12\r\n\x05\x61\x63ked\x18\x08 \x01(\x04\x42\x06\n\x04\x62ody\"\xbd\x01\n\tAgentCard\x12\x0b\n\x03\x64id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tendpoints\x18\x03 \x03(\t\x12\r\n\x05kinds\x18\x04 \x03(\t\x12\x18\n\x10max_message_size\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x07 \x01(\x03\x12(\n\tsignature\x18\x0f \x01(\x0b\x32\x15.sigwire.v1.SignatureB\x12\n\x0e\x64\x65v.sigwire.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csigwire_pb/v1/messages.proto\x12\nsigwire.v1\"d\n\tSignature\x12\x0e\n\x06signer\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12%\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x16.sigwire.v1.BatchProof\"7\n\nBatchProof\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0c\n\x04path\x18\x03 \x03(\x0c\"\xd8\x02\n\x08\x45nvelope\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\x12\n\ncontext_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x0c\n\x04role\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12\x34\n\x08metadata\x18\n \x03(\x0b\x32\".sigwire.v1.Envelope.MetadataEntry\x12\x15\n\rcreated_at_ms\x18\x0b \x01(\x03\x12\r\n\x05nonce\x18\x0c \x01(\x0c\x12(\n\tsignature\x18\x0f \x01(\x0b\x32\x15.sigwire.v1.Signature\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x05\x45rror\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x1e.sigwire.v1.Error.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xff\x01\n\x05Reply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x11.sigwire.v1.Error\x12\x11\n\tresponder\x18\x06 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x07 \x01(\x03\x12\x10\n\x08sequence\x18\x08 \x01(\x04\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\x16\n\x0erequest_digest\x18\n \x01(\x0c\x12(\n\tsignature\x18\x0f \x01(\x0b\x32\x15.sigwire.v1.Signature\"8\n\rEnvelopeBatch\x12\'\n\tenvelopes\x18\x01 \x03(\x0b\x32\x14.sigwire.v1.Envelope\"0\n\nReplyBatch\x12\"\n\x07replies\x18\x01 \x03(\x0b\x32\x11.sigwire.v1.Reply\"\x17\n\x03\x41\x63k\x12\x10\n\x08sequence\x18\x01 \x01(\x04\")\n\x04Ping\x12\r\n\x05token\x18\x01 \x01(\x04\x12\x12\n\nsent_at_ms\x18\x02 \x01(\x03\"\x15\n\x04Pong\x12\r\n\x05token\x18\x01 \x01(\x04\";\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08grace_ms\x18\x03 \x01(\r\"\x95\x02\n\x05\x46rame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12.\n\tenvelopes\x18\x02 \x01(\x0b\x32\x19.sigwire.v1.EnvelopeBatchH\x00\x12)\n\x07replies\x18\x03 \x01(\x0b\x32\x16.sigwire.v1.ReplyBatchH\x00\x12\x1e\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x0f.sigwire.v1.AckH\x00\x12 \n\x04ping\x18\x05 \x01(\x0b\x32\x10.sigwire.v1.PingH\x00\x12 \n\x04pong\x18\x06 \x01(\x0b\x32\x10.sigwire.v1.PongH\x00\x12$\n\x06goaway\x18\x07 \x01(\x0b\x32\x12.sigwire.v1.GoAwayH\x00\x12\r\n\x05\x61\x63ked\x18\x08 \x01(\x04\x42\x06\n\x04\x62ody\"\xbd\x01\n\tAgentCard\x12\x0b\n\x03\x64id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tendpoints\x18\x03 \x03(\t\x12\r\n\x05kinds\x18\x04 \x03(\t\x12\x18\n\x10max_message_size\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\t\x12\x15\n\rcreated_at_ms\x18\x07 \x01(\x03\x12(\n\tsignature\x18\x0f \x01(\x0b\x32\x15.sigwire.v1.SignatureB\x12\n\x0e\x64\x65v.sigwire.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR_DETAILSENTRY']._loaded_options = None
   _globals['_ERROR_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_SIGNATURE']._serialized_start=44
-  _globals['_SIGNATURE']._serialized_end=105
-  _globals['_ENVELOPE']._serialized_start=108
-  _globals['_ENVELOPE']._serialized_end=452
-  _globals['_ENVELOPE_METADATAENTRY']._serialized_start=405
-  _globals['_ENVELOPE_METADATAENTRY']._serialized_end=452
-  _globals['_ERROR']._serialized_start=455
-  _globals['_ERROR']._serialized_end=592
-  _globals['_ERROR_DETAILSENTRY']._serialized_start=546
-  _globals['_ERROR_DETAILSENTRY']._serialized_end=592
-  _globals['_REPLY']._serialized_start=595
-  _globals['_REPLY']._serialized_end=850
-  _globals['_ENVELOPEBATCH']._serialized_start=852
-  _globals['_ENVELOPEBATCH']._serialized_end=908
-  _globals['_REPLYBATCH']._serialized_start=910
-  _globals['_REPLYBATCH']._serialized_end=958
-  _globals['_ACK']._serialized_start=960
-  _globals['_ACK']._serialized_end=983
-  _globals['_PING']._serialized_start=985
-  _globals['_PING']._serialized_end=1026
-  _globals['_PONG']._serialized_start=1028
-  _globals['_PONG']._serialized_end=1049
-  _globals['_GOAWAY']._serialized_start=1051
-  _globals['_GOAWAY']._serialized_end=1110
-  _globals['_FRAME']._serialized_start=1113
-  _globals['_FRAME']._serialized_end=1390
-  _globals['_AGENTCARD']._serialized_start=1393
-  _globals['_AGENTCARD']._serialized_end=1582
+  _globals['_SIGNATURE']._serialized_end=144
+  _globals['_BATCHPROOF']._serialized_start=146
+  _globals['_BATCHPROOF']._serialized_end=201
+  _globals['_ENVELOPE']._serialized_start=204
+  _globals['_ENVELOPE']._serialized_end=548
+  _globals['_ENVELOPE_METADATAENTRY']._serialized_start=501
+  _globals['_ENVELOPE_METADATAENTRY']._serialized_end=548
+  _globals['_ERROR']._serialized_start=551
+  _globals['_ERROR']._serialized_end=688
+  _globals['_ERROR_DETAILSENTRY']._serialized_start=642
+  _globals['_ERROR_DETAILSENTRY']._serialized_end=688
+  _globals['_REPLY']._serialized_start=691
+  _globals['_REPLY']._serialized_end=946
+  _globals['_ENVELOPEBATCH']._serialized_start=948
+  _globals['_ENVELOPEBATCH']._serialized_end=1004
+  _globals['_REPLYBATCH']._serialized_start=1006
+  _globals['_REPLYBATCH']._serialized_end=1054
+  _globals['_ACK']._serialized_start=1056
+  _globals['_ACK']._serialized_end=1079
+  _globals['_PING']._serialized_start=1081
+  _globals['_PING']._serialized_end=1122
+  _globals['_PONG']._serialized_start=1124
+  _globals['_PONG']._serialized_end=1145
+  _globals['_GOAWAY']._serialized_start=1147
+  _globals['_GOAWAY']._serialized_end=1206
+  _globals['_FRAME']._serialized_start=1209
+  _globals['_FRAME']._serialized_end=1486
+  _globals['_AGENTCARD']._serialized_start=1489
+  _globals['_AGENTCARD']._serialized_end=1678
 # @@protoc_insertion_point(module_scope)

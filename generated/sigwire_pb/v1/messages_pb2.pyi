@@ -33,6 +33,7 @@ class Signature(_message.Message):
     SIGNER_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     signer: _builtins.str
     """DID of the signer; for Ed25519 a did:key, which is also the key id.
     Must equal the message's author (Envelope.sender, Reply.responder,
@@ -42,20 +43,61 @@ class Signature(_message.Message):
     """Signature algorithm. The only one defined is "Ed25519"."""
     value: _builtins.bytes
     """The raw signature bytes (64 for Ed25519)."""
+    @_builtins.property
+    def batch(self) -> Global___BatchProof:
+        """Set when value signs a batch of messages rather than this one alone
+        (docs/signing.md, section 4.5): where this message sits in the batch.
+        """
+
     def __init__(
         self,
         *,
         signer: _builtins.str = ...,
         algorithm: _builtins.str = ...,
         value: _builtins.bytes = ...,
+        batch: Global___BatchProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "signer", b"signer", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "batch", b"batch", "signer", b"signer", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Signature: _TypeAlias = Signature  # noqa: Y015
+
+@_typing.final
+class BatchProof(_message.Message):
+    """A message's inclusion proof in a signed batch: the signature covers the
+    root of a Merkle tree whose leaves are the batch's signing inputs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The message's leaf position, from 0."""
+    size: _builtins.int
+    """Number of messages in the batch."""
+    @_builtins.property
+    def path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Sibling hashes (32 bytes each), from the leaf up to the root."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        size: _builtins.int = ...,
+        path: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "path", b"path", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchProof: _TypeAlias = BatchProof  # noqa: Y015
 
 @_typing.final
 class Envelope(_message.Message):
