@@ -98,11 +98,6 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest() if data else _EMPTY_SHA256
 
 
-def _require(condition: bool, problem: str) -> None:
-    if not condition:
-        raise EnvelopeError(problem)
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class Signature:
     """A signature over the signing input of the message carrying it.
@@ -168,6 +163,13 @@ class Envelope:
     created_at_ms: int = 0
     nonce: bytes = b""
     signature: Signature | None = None
+    # Computed once per (immutable, signed) envelope: a receiver needs the
+    # signing input to verify, and the digest for the replay guard, the reply
+    # cache and every reply; a batch-signed envelope's digest hashes its leaf.
+    _signed_input: bytes | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _digest: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def new(
@@ -212,6 +214,8 @@ class Envelope:
             The signing input defined in ``docs/signing.md``.
         """
         if self.signature is not None:
+            if self._signed_input is not None:
+                return self._signed_input
             signer, algorithm = self.signature.signer, self.signature.algorithm
         parts: list[bytes] = []
         _str(parts, ENVELOPE_DOMAIN)
@@ -232,7 +236,10 @@ class Envelope:
         _bytes(parts, self.nonce)
         _str(parts, algorithm)
         _str(parts, self.sender if signer is None else signer)
-        return b"".join(parts)
+        data = b"".join(parts)
+        if self.signature is not None:
+            object.__setattr__(self, "_signed_input", data)
+        return data
 
     def validate(self) -> None:
         """Check the fields every receiver requires.
@@ -240,33 +247,46 @@ class Envelope:
         Raises:
             EnvelopeError: A required field is empty or out of range.
         """
-        _require(0 < len(self.id) <= MAX_ID_LENGTH, f"id must be 1..{MAX_ID_LENGTH} characters")
-        _require(0 < len(self.kind) <= MAX_ID_LENGTH, f"kind must be 1..{MAX_ID_LENGTH} characters")
-        _require(bool(self.sender), "sender is empty")
-        _require(
-            MIN_NONCE_LENGTH <= len(self.nonce) <= MAX_NONCE_LENGTH,
-            f"nonce must be {MIN_NONCE_LENGTH}..{MAX_NONCE_LENGTH} bytes",
-        )
-        _require(self.created_at_ms > 0, "created_at_ms is not set")
-        for name in ("sender", "recipient", "context_id", "task_id", "role", "content_type"):
-            _require(
-                len(getattr(self, name)) <= MAX_FIELD_LENGTH,
-                f"{name} is longer than {MAX_FIELD_LENGTH} characters",
-            )
+        # Messages are built only on failure: this runs for every inbound envelope.
+        if not 0 < len(self.id) <= MAX_ID_LENGTH:
+            raise EnvelopeError(f"id must be 1..{MAX_ID_LENGTH} characters")
+        if not 0 < len(self.kind) <= MAX_ID_LENGTH:
+            raise EnvelopeError(f"kind must be 1..{MAX_ID_LENGTH} characters")
+        if not self.sender:
+            raise EnvelopeError("sender is empty")
+        if not MIN_NONCE_LENGTH <= len(self.nonce) <= MAX_NONCE_LENGTH:
+            raise EnvelopeError(f"nonce must be {MIN_NONCE_LENGTH}..{MAX_NONCE_LENGTH} bytes")
+        if self.created_at_ms <= 0:
+            raise EnvelopeError("created_at_ms is not set")
+        for name, value in (
+            ("sender", self.sender),
+            ("recipient", self.recipient),
+            ("context_id", self.context_id),
+            ("task_id", self.task_id),
+            ("role", self.role),
+            ("content_type", self.content_type),
+        ):
+            if len(value) > MAX_FIELD_LENGTH:
+                raise EnvelopeError(f"{name} is longer than {MAX_FIELD_LENGTH} characters")
         metadata = self.metadata
-        _require(
-            len(metadata) <= MAX_METADATA_ENTRIES,
-            f"metadata has more than {MAX_METADATA_ENTRIES} entries",
-        )
-        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
-        _require(size <= MAX_METADATA_BYTES, f"metadata exceeds {MAX_METADATA_BYTES} bytes")
+        if metadata:
+            if len(metadata) > MAX_METADATA_ENTRIES:
+                raise EnvelopeError(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+            size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+            if size > MAX_METADATA_BYTES:
+                raise EnvelopeError(f"metadata exceeds {MAX_METADATA_BYTES} bytes")
 
     def digest(self) -> bytes:
         """What replies to this envelope carry as ``request_digest``."""
+        if self._digest is not None:
+            return self._digest
         signature = self.signature
         if signature is not None and signature.batch is not None:
-            return signature_digest(signature, self.signing_input())
-        return signature_digest(signature)
+            digest = signature_digest(signature, self.signing_input())
+        else:
+            digest = signature_digest(signature)
+        object.__setattr__(self, "_digest", digest)
+        return digest
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -263,15 +263,17 @@ class Identity:
         """
         if envelope.sender != self._did:
             raise InvalidSignatureError(f"cannot sign for sender {envelope.sender}")
-        unsigned = dataclasses.replace(envelope, signature=None)
-        return dataclasses.replace(envelope, signature=self._signature(unsigned.signing_input()))
+        if envelope.signature is not None:
+            envelope = dataclasses.replace(envelope, signature=None)
+        return dataclasses.replace(envelope, signature=self._signature(envelope.signing_input()))
 
     def sign_reply(self, reply: Reply) -> Reply:
         """``reply`` signed by this identity, which must be its responder."""
         if reply.responder != self._did:
             raise InvalidSignatureError(f"cannot sign for responder {reply.responder}")
-        unsigned = dataclasses.replace(reply, signature=None)
-        return dataclasses.replace(reply, signature=self._signature(unsigned.signing_input()))
+        if reply.signature is not None:
+            reply = dataclasses.replace(reply, signature=None)
+        return dataclasses.replace(reply, signature=self._signature(reply.signing_input()))
 
     def sign_batch(self, messages: Sequence[_M]) -> list[_M]:
         """``messages`` signed together: one Ed25519 signature for the whole batch.
@@ -294,7 +296,9 @@ class Identity:
             author = message.sender if isinstance(message, Envelope) else message.responder
             if author != did:
                 raise InvalidSignatureError(f"cannot sign for {author}")
-            inputs.append(dataclasses.replace(message, signature=None).signing_input())
+            if message.signature is not None:
+                message = dataclasses.replace(message, signature=None)
+            inputs.append(message.signing_input(signer=did))
         root, paths = merkle_tree([leaf_hash(data) for data in inputs])
         size = len(messages)
         value = self.sign(batch_signing_input(size, root, ED25519, did))
