@@ -30,8 +30,8 @@ NODE_DIR = ROOT / "tests" / "interop" / "node"
 AGENT = ROOT / "tests" / "interop" / "agent.py"
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$")
 # What each program checks today; fewer passing checks means some silently went missing.
-GRPC_CHECKS = 25
-WS_CHECKS = 10
+GRPC_CHECKS = 34
+WS_CHECKS = 16
 
 
 @dataclass

@@ -7,6 +7,7 @@ implement sigwire signing and verification in another language.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "interop" / "node" / "check_vectors.mjs"
+VECTORS = ROOT / "tests" / "vectors" / "signing.json"
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$")
 
 
@@ -42,3 +44,7 @@ def test_node_reproduces_signing_vectors() -> None:
     passed, failed = int(summary[1]), int(summary[2])
     assert failed == 0, output
     assert passed > 0, output
+    # Every vector, batch signatures included, got its own line.
+    vectors = json.loads(VECTORS.read_text(encoding="utf-8"))
+    checked = sum(len(vectors[kind]) for kind in ("envelopes", "replies", "cards", "batches"))
+    assert sum(line.startswith("ok    ") for line in lines) == checked + 1, output  # + self-test

@@ -15,9 +15,11 @@ import { fileURLToPath } from "node:url";
 import {
   base58Decode,
   base58Encode,
+  checkBatchVector,
   checkVector,
   publicKeyFromDid,
   sha256,
+  vectorRequests,
 } from "./sigwire.mjs";
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -50,11 +52,14 @@ function selfTest() {
 // --- main -----------------------------------------------------------------------
 
 const data = JSON.parse(readFileSync(VECTORS, "utf8"));
+const batches = data.batches ?? [];
+const requests = vectorRequests(data);
 const cases = [
   ["self-test", "base58, did:key, SHA-256", () => (selfTest(), 0)],
   ...data.envelopes.map((v) => ["envelope", v.name, () => checkVector(v)]),
   ...data.replies.map((v) => ["reply", v.name, () => checkVector(v)]),
   ...data.cards.map((v) => ["card", v.name, () => checkVector(v)]),
+  ...batches.map((v) => ["batch", v.name, () => checkBatchVector(v, requests)]),
 ];
 
 let passed = 0;
@@ -63,16 +68,24 @@ for (const [type, name, run] of cases) {
   try {
     const size = run();
     passed++;
-    const note = size ? ` (${size}-byte signing input, ${size} tampered copies rejected)` : "";
+    let note = "";
+    if (typeof size === "string") note = ` (${size})`;
+    else if (size) note = ` (${size}-byte signing input, ${size} tampered copies rejected)`;
     console.log(`ok    ${type} ${JSON.stringify(name)}${note}`);
   } catch (err) {
     failed++;
     console.log(`FAIL  ${type} ${JSON.stringify(name)}: ${err.message}`);
   }
 }
-if (data.envelopes.length === 0 || data.replies.length === 0 || data.cards.length === 0) {
+if (
+  data.envelopes.length === 0 ||
+  data.replies.length === 0 ||
+  data.cards.length === 0 ||
+  !batches.some((v) => v.kind === "envelopes") ||
+  !batches.some((v) => v.kind === "replies")
+) {
   failed++;
-  console.log("FAIL  the vector file lacks envelopes, replies or cards");
+  console.log("FAIL  the vector file lacks envelopes, replies, cards or batches of both kinds");
 }
 console.log(`${passed} passed, ${failed} failed`);
 process.exitCode = failed === 0 ? 0 : 1;

@@ -4,10 +4,13 @@
 // programs print their results with.
 
 import {
+  BATCH_SIGNATURES_KEY,
   HELLO_KIND,
   newEnvelope,
   replyTo,
   SigwireCheck,
+  signBatch,
+  unsignedEnvelope,
   verifyEnvelope,
   verifyReply,
 } from "./sigwire.mjs";
@@ -65,6 +68,76 @@ export async function checkTamperedEnvelope(session, identity, serverDid) {
   return "and the stream goes on";
 }
 
+/** `count` echo envelopes signed with one batch signature (docs/signing.md 4.5). */
+function echoBatch(identity, serverDid, count, label) {
+  const envelopes = [];
+  for (let i = 0; i < count; i++) {
+    envelopes.push(unsignedEnvelope(identity, "echo", `${label} ${i}`, { recipient: serverDid }));
+  }
+  return signBatch(identity, envelopes);
+}
+
+/** One frame of batch-signed envelopes: the agent accepts and answers every one. */
+export async function checkBatchSignedEnvelopes(session, identity, serverDid, count = 20) {
+  const batch = echoBatch(identity, serverDid, count, "batched");
+  const answers = await Promise.all(session.requestMany(batch));
+  answers.forEach((replies, i) => {
+    expect(replies.length === 1, `${replies.length} replies to envelope ${i}`);
+    expectData(replies[0], `batched ${i}`);
+  });
+  return `${count} envelopes under one signature, ${count} verified answers`;
+}
+
+/**
+ * A batch-signed frame in which one envelope's proof names another index: the
+ * agent answers that one with a signed SIGNATURE_INVALID reply, its siblings normally.
+ */
+export async function checkTamperedBatchProof(session, identity, serverDid) {
+  const batch = echoBatch(identity, serverDid, 3, "sibling");
+  const bad = batch[1];
+  const wrongIndex = { ...bad.signature.batch, index: 0 };
+  batch[1] = { ...bad, signature: { ...bad.signature, batch: wrongIndex } };
+  const [first, tampered, last] = await Promise.allSettled(session.requestMany(batch));
+  for (const [i, outcome] of [[0, first], [2, last]]) {
+    expect(outcome.status === "fulfilled", `sibling ${i} failed: ${outcome.reason?.message}`);
+    expectData(outcome.value[0], `sibling ${i}`);
+  }
+  const err = tampered.reason;
+  expect(tampered.status === "rejected", "the envelope with the wrong index was accepted");
+  expect(err instanceof SigwireCheck && err.reply, `no error reply: ${err?.message}`);
+  expect(err.reason === "SIGNATURE_INVALID", `reason ${err.reason}`);
+  return "index 1 sent as 0: SIGNATURE_INVALID; indexes 0 and 2 answered";
+}
+
+/**
+ * On a session whose hello declared batch signatures: `count` requests in one
+ * frame (itself batch-signed), every reply verified, and some of them
+ * batch-signed by the agent, which writes replies produced together in one frame.
+ */
+export async function checkPipelinedBatch(session, identity, serverDid, count = 40) {
+  const batch = echoBatch(identity, serverDid, count, "pipelined");
+  const answers = await Promise.all(session.requestMany(batch));
+  const sizes = [];
+  answers.forEach((replies, i) => {
+    expect(replies.length === 1, `${replies.length} replies to request ${i}`);
+    expectData(replies[0], `pipelined ${i}`);
+    const proof = replies[0].signature.batch;
+    if (proof) sizes.push(Number(proof.size));
+  });
+  const shared = sizes.filter((size) => size > 1).length;
+  expect(shared > 0, `none of the ${count} replies was batch-signed (batch.size > 1)`);
+  return `${count} replies verified, ${shared} batch-signed, largest batch ${Math.max(...sizes)}`;
+}
+
+/** A session that did not declare batch signatures never received one. */
+export function checkNoBatchProofs(session) {
+  expect(
+    session.batchSigned === 0,
+    `${session.batchSigned} of ${session.received} messages carried a batch proof`,
+  );
+  return `${session.received} messages received, each signed alone`;
+}
+
 export class Checks {
   constructor() {
     this.passed = 0;
@@ -113,10 +186,17 @@ class Call {
  * answered by the handler registered for its kind with a signed reply.
  */
 export class ConnectSession {
-  constructor({ identity, serverDid, send }) {
+  /**
+   * `batchSignatures`: the hello declares that this client accepts batch
+   * signatures (docs/signing.md 4.5), so the agent may batch-sign what it sends.
+   * Inbound batch signatures are verified either way.
+   */
+  constructor({ identity, serverDid, send, batchSignatures = false }) {
     this.identity = identity;
     this.serverDid = serverDid;
     this.send = send;
+    this.batchSignatures = batchSignatures;
+    this.batchSigned = 0; // received envelopes and replies that carried a batch proof
     this.handlers = new Map();
     this.calls = new Map();
     this.pushes = [];
@@ -137,7 +217,8 @@ export class ConnectSession {
 
   /** Sends the hello (kind sigwire.hello, empty payload) and returns its verified reply. */
   async hello() {
-    const [reply] = await this.request(HELLO_KIND, "", { recipient: this.serverDid });
+    const metadata = this.batchSignatures ? { [BATCH_SIGNATURES_KEY]: "1" } : {};
+    const [reply] = await this.request(HELLO_KIND, "", { recipient: this.serverDid, metadata });
     return reply;
   }
 
@@ -149,10 +230,18 @@ export class ConnectSession {
   }
 
   requestEnvelope(envelope) {
-    const call = new Call(envelope);
-    this.calls.set(envelope.id, call);
-    this.sendMessages("envelopes", [envelope]);
-    return within(call.done, `the reply to ${envelope.kind}`);
+    return this.requestMany([envelope])[0];
+  }
+
+  /** Sends signed `envelopes` in one frame; one promise of verified replies per envelope. */
+  requestMany(envelopes) {
+    const calls = envelopes.map((envelope) => {
+      const call = new Call(envelope);
+      this.calls.set(envelope.id, call);
+      return call;
+    });
+    this.sendMessages("envelopes", envelopes);
+    return calls.map((call) => within(call.done, `the reply to ${call.envelope.kind}`));
   }
 
   /** Resolves with the next push this session answers (or one already answered). */
@@ -193,6 +282,7 @@ export class ConnectSession {
       case "replies": {
         const messages = frame[frame.body][frame.body];
         this.received += messages.length;
+        this.batchSigned += messages.filter((m) => m.signature?.batch).length;
         if (BigInt(frame.sequence) !== BigInt(this.received)) {
           this.sequenceProblems.push(`frame sequence ${frame.sequence}, expected ${this.received}`);
         }

@@ -21,7 +21,11 @@ import protobuf from "protobufjs";
 
 import {
   Checks,
+  checkBatchSignedEnvelopes,
+  checkNoBatchProofs,
+  checkPipelinedBatch,
   checkPushAnswered,
+  checkTamperedBatchProof,
   checkTamperedEnvelope,
   ConnectSession,
   expect,
@@ -30,12 +34,14 @@ import {
   within,
 } from "./connect.mjs";
 import {
+  checkBatchVector,
   checkVector,
   didFromPublicKey,
   Identity,
   newEnvelope,
   publicKeyFromDid,
   SigwireCheck,
+  vectorRequests,
   verifyCard,
   verifyReply,
 } from "./sigwire.mjs";
@@ -117,6 +123,17 @@ function errorInfo(err) {
   throw new Error("no google.rpc.ErrorInfo in the status details");
 }
 
+/** A Connect call driven by a ConnectSession; `status` resolves with the call's final status. */
+function openConnect(options) {
+  const stream = agent.Connect();
+  const session = new ConnectSession({ ...options, send: (frame) => stream.write(frame) });
+  const status = new Promise((ok) => stream.on("status", ok));
+  stream.on("data", (frame) => session.receive(frame));
+  stream.on("error", (err) => session.ended(err));
+  stream.on("end", () => session.ended(null));
+  return { stream, session, status };
+}
+
 /** Checks that `promise` fails with gRPC status `code` and ErrorInfo `reason`. */
 async function expectRefusal(promise, code, reason) {
   let err;
@@ -160,6 +177,12 @@ for (const [type, label] of [
       return `${size}-byte signing input, ${size} tampered copies rejected`;
     });
   }
+}
+const requests = vectorRequests(vectors);
+for (const v of vectors.batches ?? []) {
+  await checks.run(`signing vector batch ${JSON.stringify(v.name)}`, () =>
+    checkBatchVector(v, requests),
+  );
 }
 await checks.run("weak and non-canonical did:key refused (DID_INVALID)", () => {
   const weak = [
@@ -300,13 +323,8 @@ await checks.run("Send on a streaming kind refused", async () => {
 
 // --- Connect ---------------------------------------------------------------------------
 
-const call = agent.Connect();
-const session = new ConnectSession({ identity, serverDid, send: (frame) => call.write(frame) });
+const { stream: call, session, status: finalStatus } = openConnect({ identity, serverDid });
 session.on("ask", (envelope) => `answer: ${envelope.payload.toString("utf8")}`);
-const finalStatus = new Promise((ok) => call.on("status", ok));
-call.on("data", (frame) => session.receive(frame));
-call.on("error", (err) => session.ended(err));
-call.on("end", () => session.ended(null));
 
 const connected = await checks.run("Connect hello: the agent's size limit, signed", async () => {
   const reply = await session.hello();
@@ -337,11 +355,25 @@ if (connected) {
     () => checkTamperedEnvelope(session, identity, serverDid),
   );
 
+  await checks.run(
+    "Connect: one frame of batch-signed envelopes, every one accepted",
+    () => checkBatchSignedEnvelopes(session, identity, serverDid),
+  );
+
+  await checks.run(
+    "Connect: a batch proof with a wrong index gets SIGNATURE_INVALID, its siblings are answered",
+    () => checkTamperedBatchProof(session, identity, serverDid),
+  );
+
   await checks.run("Connect: acks and frame sequence numbers", async () => {
     const acked = await session.allAcked();
     expect(session.sequenceProblems.length === 0, session.sequenceProblems.join("; "));
     return `we sent ${session.sent} messages, the agent acked ${acked}; it sent ${session.received}`;
   });
+
+  await checks.run("Connect: hello without sigwire.batch-signatures: nothing batch-signed", () =>
+    checkNoBatchProofs(session),
+  );
 
   await checks.run("Connect: half-close ends the call with OK", async () => {
     call.end();
@@ -350,6 +382,32 @@ if (connected) {
   });
 } else {
   call.cancel();
+}
+
+// A second stream whose hello accepts batch signatures.
+const batched = openConnect({ identity, serverDid, batchSignatures: true });
+const batchedHello = await checks.run(
+  'Connect with "sigwire.batch-signatures": "1" in the hello',
+  async () => {
+    const reply = await batched.session.hello();
+    expect(reply.responder === serverDid, `responder ${reply.responder}`);
+  },
+);
+if (batchedHello) {
+  await checks.run("Connect: 40 pipelined requests, replies batch-signed and verified", () =>
+    checkPipelinedBatch(batched.session, identity, serverDid),
+  );
+  await checks.run("Connect (batch signatures): acks, sequence numbers, half-close", async () => {
+    const acked = await batched.session.allAcked();
+    const { session: s } = batched;
+    expect(s.sequenceProblems.length === 0, s.sequenceProblems.join("; "));
+    batched.stream.end();
+    const status = await within(batched.status, "the end of the Connect call");
+    expect(status.code === grpc.status.OK, `status ${grpc.status[status.code]}: ${status.details}`);
+    return `${s.batchSigned} of ${s.received} messages received were batch-signed; acked ${acked}`;
+  });
+} else {
+  batched.stream.cancel();
 }
 
 agent.close();

@@ -22,6 +22,8 @@ import {
 export const ALGORITHM = "Ed25519";
 export const PROTOCOL_VERSION = "sigwire/1";
 export const HELLO_KIND = "sigwire.hello";
+/** Hello metadata entry by which a client accepts batch signatures (section 4.5). */
+export const BATCH_SIGNATURES_KEY = "sigwire.batch-signatures";
 
 // --- base58btc (section 2.1) ---------------------------------------------------
 
@@ -325,6 +327,122 @@ export function cardSigningInput(c, algorithm, signer) {
   return w.done();
 }
 
+// --- batch signatures (section 4.5) ----------------------------------------------
+// A Merkle tree with the shape of RFC 9162 section 2.1.1 over the leaves
+// H(0x00 || signing input), interior nodes H(0x01 || left || right); one Ed25519
+// signature over the batch signing input (domain, size, root, algorithm, signer).
+
+export const BATCH_DOMAIN = "sigwire/v1/batch";
+export const MAX_BATCH_SIZE = 65536;
+const MAX_PATH_HASHES = 16;
+const LEAF_PREFIX = Buffer.from([0x00]);
+const NODE_PREFIX = Buffer.from([0x01]);
+
+export const leafHash = (signingInput) => sha256(Buffer.concat([LEAF_PREFIX, signingInput]));
+export const nodeHash = (left, right) => sha256(Buffer.concat([NODE_PREFIX, left, right]));
+
+/**
+ * MTH(D[n]) and every PATH(m, D[n]) of RFC 9162 sections 2.1.1 and 2.1.3.1:
+ * returns [root, paths] with paths[m] the sibling hashes of leaf m, leaf to root.
+ */
+export function merkleTree(leaves) {
+  if (leaves.length < 1 || leaves.length > MAX_BATCH_SIZE) {
+    throw new Error(`a batch holds 1..${MAX_BATCH_SIZE} messages, not ${leaves.length}`);
+  }
+  const paths = leaves.map(() => []);
+  // MTH(D[lo:hi]); on the way back up, each leaf of one subtree gets the other
+  // subtree's hash appended: PATH(m, D) = PATH(m, subtree) : MTH(other subtree).
+  const mth = (lo, hi) => {
+    const n = hi - lo;
+    if (n === 1) return leaves[lo];
+    let k = 1;
+    while (k * 2 < n) k *= 2; // the largest power of two smaller than n
+    const left = mth(lo, lo + k);
+    const right = mth(lo + k, hi);
+    for (let m = lo; m < lo + k; m++) paths[m].push(right);
+    for (let m = lo + k; m < hi; m++) paths[m].push(left);
+    return nodeHash(left, right);
+  };
+  return [mth(0, leaves.length), paths];
+}
+
+/**
+ * The root an inclusion proof leads to from `leaf`: RFC 9162 section 2.1.3.2
+ * with the checks of docs/signing.md section 6.1 step 6. Throws SigwireCheck
+ * SIGNATURE_INVALID for a proof that does not fit its tree.
+ */
+export function rootFromProof(leaf, { index, size, path }) {
+  const bad = (why) => new SigwireCheck("SIGNATURE_INVALID", `batch proof: ${why}`);
+  const n = Number(size);
+  const i = Number(index);
+  if (!Number.isInteger(n) || n < 1 || n > MAX_BATCH_SIZE) throw bad(`size ${size}`);
+  if (!Number.isInteger(i) || i < 0 || i >= n) throw bad(`index ${index} of ${size}`);
+  const hashes = path ?? [];
+  if (hashes.length > MAX_PATH_HASHES) throw bad(`${hashes.length} hashes`);
+  let fn = i;
+  let sn = n - 1;
+  let r = Buffer.from(leaf);
+  for (const p of hashes) {
+    if (p.length !== 32) throw bad(`a ${p.length}-byte hash`);
+    if (sn === 0) throw bad("the path is longer than the tree is deep");
+    if (fn % 2 === 1 || fn === sn) {
+      r = nodeHash(p, r);
+      // fn === sn on a left child: climb past the levels where it has no sibling.
+      while (fn % 2 === 0 && fn !== 0) {
+        fn = Math.floor(fn / 2);
+        sn = Math.floor(sn / 2);
+      }
+    } else {
+      r = nodeHash(r, p);
+    }
+    fn = Math.floor(fn / 2);
+    sn = Math.floor(sn / 2);
+  }
+  if (sn !== 0) throw bad("the path is shorter than the tree is deep");
+  return r;
+}
+
+/** The batch signing input (section 4.5): what a batch signature signs. */
+export function batchSigningInput(size, root, algorithm, signer) {
+  const w = new Writer();
+  w.str(BATCH_DOMAIN);
+  w.u64(size);
+  w.bytes(root);
+  w.str(algorithm);
+  w.str(signer);
+  return w.done();
+}
+
+const isReply = (message) => "responder" in message;
+const authorOf = (message) => (isReply(message) ? message.responder : message.sender);
+const signingInputOf = (message, algorithm, signer) =>
+  (isReply(message) ? replySigningInput : envelopeSigningInput)(message, algorithm, signer);
+
+/**
+ * `messages` (envelopes and/or replies, all authored by `identity`) signed
+ * together with one Ed25519 signature; each carries the signature and its own
+ * inclusion proof `batch: {index, size, path}`. A single message also gets a
+ * (one-leaf) batch proof: sign it with signEnvelope or signReply to avoid that.
+ */
+export function signBatch(identity, messages) {
+  for (const m of messages) {
+    if (authorOf(m) !== identity.did) throw new Error("the signer must be the author");
+  }
+  const leaves = messages.map((m) => leafHash(signingInputOf(m, ALGORITHM, identity.did)));
+  const [root, paths] = merkleTree(leaves);
+  const size = messages.length;
+  const value = identity.sign(batchSigningInput(size, root, ALGORITHM, identity.did));
+  return messages.map((m, index) => ({
+    ...m,
+    signature: {
+      signer: identity.did,
+      algorithm: ALGORITHM,
+      value,
+      batch: { index, size, path: paths[index] },
+    },
+  }));
+}
+
 // --- signing (section 4.4) and binding (section 5) -------------------------------
 
 function signed(identity, message, author, build) {
@@ -337,14 +455,29 @@ export const signEnvelope = (identity, e) => signed(identity, e, e.sender, envel
 export const signReply = (identity, r) => signed(identity, r, r.responder, replySigningInput);
 export const signCard = (identity, c) => signed(identity, c, c.did, cardSigningInput);
 
-/** SHA-256 of the request's signature value: what a reply's request_digest must be. */
+/**
+ * What a reply's request_digest must be (section 5): SHA-256 of the request's
+ * signature value, or of the value followed by the request's own leaf when the
+ * request is batch-signed (its value is shared by the whole batch).
+ */
 export function requestDigest(envelope) {
-  return sha256(envelope.signature?.value ?? Buffer.alloc(0));
+  const sig = envelope.signature;
+  const value = sig?.value ?? Buffer.alloc(0);
+  if (sig?.batch) {
+    const leaf = leafHash(envelopeSigningInput(envelope, sig.algorithm, sig.signer));
+    return sha256(Buffer.concat([value, leaf]));
+  }
+  return sha256(value);
 }
 
 /** A new signed envelope from `identity`, with a fresh id, timestamp and 16-byte nonce. */
 export function newEnvelope(identity, kind, payload, fields = {}) {
-  return signEnvelope(identity, {
+  return signEnvelope(identity, unsignedEnvelope(identity, kind, payload, fields));
+}
+
+/** The same, not signed yet (for signBatch). */
+export function unsignedEnvelope(identity, kind, payload, fields = {}) {
+  return {
     id: randomUUID(),
     kind,
     sender: identity.did,
@@ -357,8 +490,9 @@ export function newEnvelope(identity, kind, payload, fields = {}) {
     metadata: {},
     createdAtMs: String(Date.now()),
     nonce: randomBytes(16),
+    signature: null,
     ...fields,
-  });
+  };
 }
 
 /** A signed reply from `identity` to `request`, bound to it. */
@@ -380,6 +514,9 @@ export function replyTo(identity, request, fields = {}) {
 
 // --- verification (section 6) ----------------------------------------------------
 
+// Messages of one batch share one Ed25519 check: results by (signer, value, signed bytes).
+const batchChecks = new Map();
+
 /** Section 6.1: null when the signature verifies, else the error reason. */
 export function checkSignature(signature, author, signingInput) {
   if (!signature || !signature.value || signature.value.length === 0) return "SIGNATURE_MISSING";
@@ -392,7 +529,25 @@ export function checkSignature(signature, author, signingInput) {
   } catch {
     return "DID_INVALID";
   }
-  return verify(null, signingInput, key, signature.value) ? null : "SIGNATURE_INVALID";
+  if (!signature.batch) {
+    return verify(null, signingInput, key, signature.value) ? null : "SIGNATURE_INVALID";
+  }
+  let root;
+  try {
+    root = rootFromProof(leafHash(signingInput), signature.batch);
+  } catch (err) {
+    if (err instanceof SigwireCheck) return err.reason;
+    throw err;
+  }
+  const data = batchSigningInput(signature.batch.size, root, signature.algorithm, signature.signer);
+  const seen = `${author} ${Buffer.from(signature.value).toString("hex")} ${data.toString("hex")}`;
+  let ok = batchChecks.get(seen);
+  if (ok === undefined) {
+    ok = verify(null, data, key, signature.value);
+    if (batchChecks.size >= 1000) batchChecks.clear();
+    batchChecks.set(seen, ok);
+  }
+  return ok ? null : "SIGNATURE_INVALID";
 }
 
 function signatureOk(message, author, build) {
@@ -426,6 +581,9 @@ export function verifyReply(reply, request, expectedResponder) {
 export function verifyCard(card, expectedDid) {
   if (expectedDid && card.did !== expectedDid) {
     throw new SigwireCheck("SIGNER_UNKNOWN", `card of ${card.did}, expected ${expectedDid}`);
+  }
+  if (card.signature?.batch) {
+    throw new SigwireCheck("SIGNATURE_INVALID", "an agent card is never batch-signed");
   }
   signatureOk(card, card.did, cardSigningInput);
 }
@@ -485,14 +643,41 @@ function reader(obj) {
   };
 }
 
-function signatureFromJson(obj) {
+// BatchProof: uint32 index and size are JSON numbers (strings are accepted too),
+// path is a list of base64 strings. An absent proof is null, as proto-loader has it.
+function batchFromJson(obj) {
   if (obj === null) return null;
   const r = reader(obj);
-  return { signer: r.str("signer"), algorithm: r.str("algorithm"), value: r.bytes("value") };
+  return {
+    index: r.num("index"),
+    size: r.num("size"),
+    path: r.list("path").map((hash) => Buffer.from(hash, "base64")),
+  };
 }
 
-const signatureToJson = (s) =>
-  s ? { signer: s.signer, algorithm: s.algorithm, value: b64(s.value) } : undefined;
+export function signatureFromJson(obj) {
+  if (obj === null) return null;
+  const r = reader(obj);
+  return {
+    signer: r.str("signer"),
+    algorithm: r.str("algorithm"),
+    value: r.bytes("value"),
+    batch: batchFromJson(r.msg("batch")),
+  };
+}
+
+export function signatureToJson(s) {
+  if (!s) return undefined;
+  const out = { signer: s.signer, algorithm: s.algorithm, value: b64(s.value) };
+  if (s.batch) {
+    out.batch = {
+      index: Number(s.batch.index),
+      size: Number(s.batch.size),
+      path: (s.batch.path ?? []).map(b64),
+    };
+  }
+  return out;
+}
 
 export function envelopeFromJson(obj) {
   const r = reader(obj);
@@ -685,4 +870,153 @@ export function checkVector(v) {
     verifyReply({ ...message, signature }, request, v.signer_did);
   }
   return input.length;
+}
+
+const hexList = (hashes) => hashes.map((h) => Buffer.from(h).toString("hex"));
+
+/**
+ * The envelopes of the vector file, signed as published, by id: the envelope
+ * vectors (single signatures) and the envelopes of every batch vector (with
+ * their proofs). Replies in batch vectors are checked against these.
+ */
+export function vectorRequests(data) {
+  const requests = new Map();
+  for (const v of data.envelopes ?? []) {
+    const [message] = vectorMessage(v);
+    const signature = { signer: v.signer_did, algorithm: ALGORITHM, value: hex(v.signature_hex) };
+    requests.set(message.id, { ...message, signature });
+  }
+  for (const b of data.batches ?? []) {
+    if (b.kind !== "envelopes") continue;
+    for (const m of b.messages) {
+      const [message, , algorithm] = vectorMessage(m);
+      requests.set(message.id, { ...message, signature: vectorSignature(b, m, algorithm) });
+    }
+  }
+  return requests;
+}
+
+function vectorSignature(b, m, algorithm) {
+  return {
+    signer: b.signer_did,
+    algorithm,
+    value: hex(b.signature_hex),
+    batch: { index: m.proof.index, size: m.proof.size, path: m.proof.path_hex.map(hex) },
+  };
+}
+
+/**
+ * Checks one batch vector (docs/signing.md, "Test vectors"): the DID from the
+ * seed; each message's signing input and leaf rebuilt from its fields; the
+ * root, every inclusion path and the batch signing input rebuilt from the
+ * messages alone; the signature reproduced; each message verified from its own
+ * proof and the signature; proofs with another index, another size, a path one
+ * hash shorter or longer, or another message's path rejected, as is every
+ * single-byte change of a signing input; each envelope's request digest; and
+ * each reply bound to its request where `requests` (vectorRequests) holds it.
+ * Returns a short summary.
+ */
+export function checkBatchVector(b, requests = new Map()) {
+  const identity = Identity.fromSeed(hex(b.signer_seed_hex));
+  if (identity.did !== b.signer_did) throw new Error(`did:key ${identity.did} != ${b.signer_did}`);
+  const wantKind = b.messages.every((m) => (b.kind === "envelopes" ? m.envelope : m.reply));
+  if (!wantKind || !["envelopes", "replies"].includes(b.kind)) throw new Error(`kind ${b.kind}`);
+  const n = b.messages.length;
+  const built = b.messages.map((m, i) => {
+    const [message, author, algorithm, build] = vectorMessage(m);
+    if (author !== b.signer_did) throw new Error(`message ${i}: the author is not the signer`);
+    const input = build(message, algorithm, b.signer_did);
+    if (!input.equals(hex(m.signing_input_hex))) {
+      throw new Error(`message ${i}: signing input differs`);
+    }
+    const leaf = leafHash(input);
+    if (leaf.toString("hex") !== m.leaf_hex) throw new Error(`message ${i}: leaf differs`);
+    if (m.proof.index !== i || m.proof.size !== n) {
+      throw new Error(`message ${i}: proof index ${m.proof.index}, size ${m.proof.size}`);
+    }
+    return { m, message, author, algorithm, input, leaf };
+  });
+  const [root, paths] = merkleTree(built.map((x) => x.leaf));
+  if (root.toString("hex") !== b.root_hex) throw new Error("root differs");
+  paths.forEach((path, i) => {
+    if (hexList(path).join() !== b.messages[i].proof.path_hex.join()) {
+      throw new Error(`message ${i}: inclusion path differs`);
+    }
+  });
+  const batchInput = batchSigningInput(n, root, ALGORITHM, b.signer_did);
+  if (!batchInput.equals(hex(b.batch_signing_input_hex))) {
+    throw new Error("batch signing input differs");
+  }
+  if (identity.sign(batchInput).toString("hex") !== b.signature_hex) {
+    throw new Error("signature differs");
+  }
+  let rejected = 0;
+  let bound = 0;
+  const refuse = (what, signature, author, input) => {
+    const reason = checkSignature(signature, author, input);
+    if (reason !== "SIGNATURE_INVALID") throw new Error(`${what}: ${reason ?? "verifies"}`);
+    rejected++;
+  };
+  // A proof that cannot fit its tree is refused by the proof check itself
+  // (section 6.1 step 6), before any Ed25519 verification.
+  const misfit = (what, signature, leaf) => {
+    try {
+      rootFromProof(leaf, signature.batch);
+    } catch (err) {
+      if (err instanceof SigwireCheck && err.reason === "SIGNATURE_INVALID") return;
+      throw err;
+    }
+    throw new Error(`${what}: the proof check let it through`);
+  };
+  for (const [i, { m, message, author, algorithm, input, leaf }] of built.entries()) {
+    const signature = vectorSignature(b, m, algorithm);
+    const reason = checkSignature(signature, author, input);
+    if (reason !== null) throw new Error(`message ${i} does not verify: ${reason}`);
+    const proof = signature.batch;
+    const other = (change) => ({ ...signature, batch: { ...proof, ...change } });
+    for (let index = 0; index <= n; index++) {
+      if (index !== i) refuse(`message ${i} as index ${index}`, other({ index }), author, input);
+    }
+    misfit(`message ${i} as index ${n}`, other({ index: n }), leaf);
+    for (const size of [0, n - 1, n + 1, 2 * n, MAX_BATCH_SIZE + 1]) {
+      if (size !== n) refuse(`message ${i} with size ${size}`, other({ size }), author, input);
+    }
+    for (const size of [0, MAX_BATCH_SIZE + 1]) {
+      misfit(`message ${i} with size ${size}`, other({ size }), leaf);
+    }
+    const longer = other({ path: [...proof.path, root] });
+    refuse(`message ${i}, path one longer`, longer, author, input);
+    misfit(`message ${i}, path one longer`, longer, leaf);
+    if (proof.path.length > 0) {
+      const shorter = other({ path: proof.path.slice(0, -1) });
+      refuse(`message ${i}, path one shorter`, shorter, author, input);
+      misfit(`message ${i}, path one shorter`, shorter, leaf);
+    }
+    const short = other({ path: proof.path.map((h, k) => (k === 0 ? h.subarray(0, 31) : h)) });
+    if (proof.path.length > 0) misfit(`message ${i}, a 31-byte hash`, short, leaf);
+    const deep = other({ path: Array(17).fill(root) });
+    misfit(`message ${i}, 17 hashes`, deep, leaf);
+    for (let j = 0; j < n; j++) {
+      if (j === i || b.messages[j].proof.path_hex.join() === m.proof.path_hex.join()) continue;
+      const path = b.messages[j].proof.path_hex.map(hex);
+      refuse(`message ${i} with the path of ${j}`, other({ path }), author, input);
+    }
+    for (let k = 0; k < input.length; k++) {
+      const tampered = Buffer.from(input);
+      tampered[k] ^= 0x01;
+      refuse(`message ${i} with byte ${k} flipped`, signature, author, tampered);
+    }
+    const signedMessage = { ...message, signature };
+    if (m.envelope) {
+      const digest = requestDigest(signedMessage).toString("hex");
+      if (digest !== m.request_digest_hex) throw new Error(`message ${i}: request digest differs`);
+      const single = sha256(hex(b.signature_hex)).toString("hex");
+      if (digest === single) throw new Error(`message ${i}: digest ignores the leaf`);
+    } else if (requests.has(message.requestId)) {
+      verifyReply(signedMessage, requests.get(message.requestId), b.signer_did);
+      bound++;
+    }
+  }
+  const replies = b.kind === "replies" ? `, ${bound} bound to their requests` : "";
+  return `${n} messages, ${rejected} altered proofs and inputs rejected${replies}`;
 }

@@ -13,7 +13,11 @@ import WebSocket from "ws";
 
 import {
   Checks,
+  checkBatchSignedEnvelopes,
+  checkNoBatchProofs,
+  checkPipelinedBatch,
   checkPushAnswered,
+  checkTamperedBatchProof,
   checkTamperedEnvelope,
   ConnectSession,
   expect,
@@ -52,6 +56,19 @@ function open(subprotocols) {
   return within(opened, "the WebSocket handshake").then(() => ({ ws, closed }));
 }
 
+/** A sigwire.v1.json connection driven by a ConnectSession; `problems` lists protocol faults. */
+async function openSession(options) {
+  const { ws, closed } = await open([SUBPROTOCOL]);
+  const problems = [];
+  const session = new ConnectSession({ ...options, send: (frame) => ws.send(frameToJson(frame)) });
+  ws.on("message", (data, isBinary) => {
+    if (isBinary) problems.push("a binary message on the JSON subprotocol");
+    else session.receive(frameFromJson(data.toString("utf8")));
+  });
+  closed.then(({ code, reason }) => session.ended(new Error(`closed ${code} ${reason}`)));
+  return { ws, closed, session, problems };
+}
+
 
 const identity = Identity.generate();
 console.log(`did ${identity.did}`);
@@ -73,7 +90,7 @@ await checks.run("GET /.well-known/sigwire-agent.json: card signed by the agent"
 
 let connection = null;
 await checks.run(`WebSocket handshake picks ${SUBPROTOCOL}`, async () => {
-  connection = await open([SUBPROTOCOL]);
+  connection = await openSession({ identity, serverDid });
   expect(
     connection.ws.protocol === SUBPROTOCOL,
     `subprotocol ${JSON.stringify(connection.ws.protocol)}`,
@@ -81,19 +98,8 @@ await checks.run(`WebSocket handshake picks ${SUBPROTOCOL}`, async () => {
 });
 
 if (connection !== null) {
-  const { ws, closed } = connection;
-  const problems = [];
-  const session = new ConnectSession({
-    identity,
-    serverDid,
-    send: (frame) => ws.send(frameToJson(frame)),
-  });
+  const { ws, closed, session, problems } = connection;
   session.on("ask", (envelope) => `answer: ${envelope.payload.toString("utf8")}`);
-  ws.on("message", (data, isBinary) => {
-    if (isBinary) problems.push("a binary message on the JSON subprotocol");
-    else session.receive(frameFromJson(data.toString("utf8")));
-  });
-  closed.then(({ code, reason }) => session.ended(new Error(`closed ${code} ${reason}`)));
 
   const helloOk = await checks.run("hello: the agent's size limit, signed", async () => {
     const reply = await session.hello();
@@ -132,18 +138,57 @@ if (connection !== null) {
       () => checkTamperedEnvelope(session, identity, serverDid),
     );
 
+    await checks.run(
+      "one frame of batch-signed envelopes (JSON batch proofs), every one accepted",
+      () => checkBatchSignedEnvelopes(session, identity, serverDid),
+    );
+
+    await checks.run(
+      "a batch proof with a wrong index gets SIGNATURE_INVALID, its siblings are answered",
+      () => checkTamperedBatchProof(session, identity, serverDid),
+    );
+
     await checks.run("acks, frame sequence numbers, text messages only", async () => {
       const acked = await session.allAcked();
       expect(session.sequenceProblems.length === 0, session.sequenceProblems.join("; "));
       expect(problems.length === 0, problems.join("; "));
       return `we sent ${session.sent} messages, the agent acked ${acked}; it sent ${session.received}`;
     });
+
+    await checks.run("hello without sigwire.batch-signatures: nothing batch-signed", () =>
+      checkNoBatchProofs(session),
+    );
   }
 
   await checks.run("close 1000", async () => {
     ws.close(1000);
     const { code } = await within(closed, "the close handshake");
     expect(code === 1000, `close code ${code}`);
+  });
+}
+
+// A second connection whose hello accepts batch signatures.
+let batched = null;
+const batchedHello = await checks.run('hello with "sigwire.batch-signatures": "1"', async () => {
+  batched = await openSession({ identity, serverDid, batchSignatures: true });
+  const reply = await batched.session.hello();
+  expect(reply.responder === serverDid, `responder ${reply.responder}`);
+});
+if (!batchedHello) batched?.ws.terminate();
+else {
+  const { ws, closed, session, problems } = batched;
+  await checks.run("40 pipelined requests, replies batch-signed (JSON) and verified", () =>
+    checkPipelinedBatch(session, identity, serverDid),
+  );
+  await checks.run("batch signatures: acks, sequence numbers, close 1000", async () => {
+    const acked = await session.allAcked();
+    expect(session.sequenceProblems.length === 0, session.sequenceProblems.join("; "));
+    expect(problems.length === 0, problems.join("; "));
+    ws.close(1000);
+    const { code } = await within(closed, "the close handshake");
+    expect(code === 1000, `close code ${code}`);
+    const signed = `${session.batchSigned} of ${session.received} messages received batch-signed`;
+    return `${signed}; acked ${acked}`;
   });
 }
 
