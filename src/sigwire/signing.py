@@ -284,6 +284,7 @@ class Identity:
 
         Raises:
             InvalidSignatureError: A message's author is another DID.
+            ValueError: No messages, or more than a batch may hold.
         """
         if len(messages) == 1:
             only = messages[0]

@@ -33,7 +33,9 @@ async def test_one_forged_envelope_in_a_batch_fails_alone(
 
     def sign(kind: str, payload: bytes = b"") -> sigwire.Envelope:
         return client_identity.sign_envelope(
-            sigwire.Envelope.new(kind, payload, sender=client_identity.did)
+            sigwire.Envelope.new(
+                kind, payload, sender=client_identity.did, recipient=server.identity.did
+            )
         )
 
     hello = sign("sigwire.hello")
@@ -46,7 +48,8 @@ async def test_one_forged_envelope_in_a_batch_fails_alone(
                 sequence=1, envelopes=pb.EnvelopeBatch(envelopes=[_proto.envelope_to_pb(hello)])
             ).SerializeToString()
         )
-        await _replies(call, {hello.id})
+        hello_reply = (await _replies(call, {hello.id}))[hello.id]
+        assert hello_reply.success, hello_reply.error
         await call.write(
             pb.Frame(
                 sequence=5,
