@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="SQLite file keeping the push outbox and reply cache across restarts",
     )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop when installed (pip install 'sigwire[uvloop]'), else asyncio",
+    )
     serve.set_defaults(run=_serve)
 
     send = commands.add_parser("send", help="send a signed request and print the reply data")
@@ -292,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise SigwireError(
+                "uvloop is not installed (pip install 'sigwire[uvloop]')", reason="INTERNAL"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -301,7 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         result = args.run(args)
-        status: int = asyncio.run(result) if asyncio.iscoroutine(result) else result
+        if asyncio.iscoroutine(result):
+            with asyncio.Runner(loop_factory=_loop_factory(getattr(args, "loop", "asyncio"))) as r:
+                status: int = r.run(result)
+        else:
+            status = result
     except SigwireError as exc:
         print(f"sigwire: error: {exc}", file=sys.stderr)
         return 1

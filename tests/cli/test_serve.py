@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sigwire import cli
 from sigwire.signing import Identity
 from tests.conftest import TIMEOUT
 
@@ -67,13 +68,23 @@ def env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
 
 
-@pytest.fixture
-def served(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+@pytest.fixture(params=["uvloop", "asyncio"])
+def served(
+    request: pytest.FixtureRequest, tmp_path: Path, env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
     key = tmp_path / "server.pem"
     identity = Identity.generate()
     identity.save(key)
     port = _free_port()
-    with _serving(key, "--grpc", f"127.0.0.1:{port}", env=env, stderr=subprocess.PIPE) as proc:
+    with _serving(
+        key,
+        "--grpc",
+        f"127.0.0.1:{port}",
+        "--loop",
+        request.param,
+        env=env,
+        stderr=subprocess.PIPE,
+    ) as proc:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.strip() == f"sigwire agent {identity.did}", first
@@ -194,3 +205,11 @@ def test_serve_store_keeps_answers_in_sqlite(tmp_path: Path, env: dict[str, str]
     with sqlite3.connect(store) as db:
         (count,) = db.execute("SELECT COUNT(*) FROM answers").fetchone()
     assert count == 1
+
+
+def test_loop_choice() -> None:
+    """auto and uvloop pick uvloop (installed with the dev extra); asyncio keeps asyncio's."""
+    uvloop = pytest.importorskip("uvloop")
+    assert cli._loop_factory("auto") is uvloop.new_event_loop
+    assert cli._loop_factory("uvloop") is uvloop.new_event_loop
+    assert cli._loop_factory("asyncio") is None
