@@ -109,16 +109,22 @@ async def _check_batch(items: list[tuple[Signature | None, str, bytes]]) -> list
 class _Credit:
     """A counting window that wakes every waiter when closed."""
 
+    __slots__ = ("_changed", "available", "closed")
+
     def __init__(self, size: int) -> None:
         self.available = size
         self.closed: SigwireError | None = None
-        self._changed = asyncio.Event()
+        # Made only while someone waits: an idle stream holds no Event (and no
+        # deque of waiters).
+        self._changed: asyncio.Event | None = None
 
     async def acquire(self) -> None:
         while self.available <= 0:
             if self.closed is not None:
                 raise self.closed
             changed = self._changed
+            if changed is None:
+                changed = self._changed = asyncio.Event()
             await changed.wait()
         if self.closed is not None:
             raise self.closed
@@ -133,8 +139,50 @@ class _Credit:
         self._wake()
 
     def _wake(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+
+class _Outbox:
+    """The writer's queue: one consumer, so one waiter, made only while it waits.
+
+    (An asyncio.Queue holds three deques and an Event, ~3 KB per idle stream.)
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[object] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: object) -> None:
+        items = self._items
+        if items is None:
+            items = self._items = collections.deque()
+        items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_nowait(self) -> object:
+        assert self._items
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None  # an idle stream keeps no 64-slot deque block
+        return item
+
+    async def get(self) -> object:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
+        return self.get_nowait()
 
 
 _M = TypeVar("_M", Envelope, Reply)
@@ -167,6 +215,49 @@ class Session:
     identity, are signed by the writer as it builds each frame.
     """
 
+    # One per Connect stream, so kept lean: slots, no Event or deque until
+    # something needs one (an idle stream's Python state is ~11 KB).
+    __slots__ = (
+        "__weakref__",
+        "_ack_queued",
+        "_ack_timer",
+        "_acked",
+        "_backlog",
+        "_beat",
+        "_bound_event",
+        "_close_requested",
+        "_closed_event",
+        "_closing",
+        "_credit",
+        "_identity",
+        "_is_closed",
+        "_last_heard",
+        "_on_bind",
+        "_on_closed",
+        "_on_goaway",
+        "_on_reply",
+        "_on_signed",
+        "_ping_token",
+        "_pong_queued",
+        "_pong_token",
+        "_queue",
+        "_received",
+        "_reply_room",
+        "_sent",
+        "_serving",
+        "_tasks",
+        "_unacked",
+        "_unstarted",
+        "batch_signatures",
+        "dispatcher",
+        "error",
+        "goaway",
+        "name",
+        "options",
+        "peer_did",
+        "stream",
+    )
+
     def __init__(
         self,
         stream: FrameStream,
@@ -188,9 +279,12 @@ class Session:
         self.peer_did: str | None = None
         self.goaway: GoAwayInfo | None = None
         self.error: SigwireError | None = None
-        self.closed = asyncio.Event()
-        self._close_requested = asyncio.Event()
-        self.bound = asyncio.Event()
+        # Events are made when someone asks for them (see `closed`, `bound`).
+        self._closed_event: asyncio.Event | None = None
+        self._is_closed = False
+        self._bound_event: asyncio.Event | None = None
+        # What run() waits on; resolved by _begin_close.
+        self._close_requested: asyncio.Future[None] | None = None
         self._on_reply = on_reply
         self._on_goaway = on_goaway
         self._on_bind = on_bind
@@ -198,17 +292,19 @@ class Session:
         self._on_signed = on_signed
         self.batch_signatures = batch_signatures
         self._identity = dispatcher.identity
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._queue = _Outbox()
         self._credit = _Credit(self.options.window)
         self._reply_room = _Credit(4 * self.options.window)
         # Inbound envelopes not yet started, and per envelope frame
         # [sequence, envelopes not yet started] until it can be acked.
-        self._backlog: collections.deque[tuple[Envelope, list[int], bool]] = collections.deque()
-        self._unstarted: collections.deque[list[int]] = collections.deque()
+        # Lists, not deques: an empty list holds no storage (a deque always
+        # keeps a 64-slot block); they are consumed in slices.
+        self._backlog: list[tuple[Envelope, list[int], bool]] = []
+        self._unstarted: list[list[int]] = []
         self._serving = 0
         self._sent = 0
         # (frame sequence, envelopes in it) of frames the peer has not acked.
-        self._unacked: collections.deque[tuple[int, int]] = collections.deque()
+        self._unacked: list[tuple[int, int]] = []
         self._received = 0
         self._acked = 0
         self._ack_queued = False
@@ -223,13 +319,32 @@ class Session:
 
     # -- owner API ---------------------------------------------------------
 
+    @property
+    def closed(self) -> asyncio.Event:
+        """Set once the session has ended."""
+        if self._closed_event is None:
+            self._closed_event = asyncio.Event()
+            if self._is_closed:
+                self._closed_event.set()
+        return self._closed_event
+
+    @property
+    def bound(self) -> asyncio.Event:
+        """Set once the peer's hello has bound the session to its DID."""
+        if self._bound_event is None:
+            self._bound_event = asyncio.Event()
+            if self.peer_did is not None:
+                self._bound_event.set()
+        return self._bound_event
+
     def bind(self, did: str, *, batch_signatures: bool = False) -> None:
         """Record the peer's verified DID (from its hello), and what it accepts."""
         if self.peer_did is not None:
             return
         self.peer_did = did
         self.batch_signatures = self.batch_signatures or batch_signatures
-        self.bound.set()
+        if self._bound_event is not None:
+            self._bound_event.set()
         if self._on_bind is not None:
             self._on_bind(self, did)
 
@@ -275,22 +390,21 @@ class Session:
 
     async def run(self) -> None:
         """Run until the stream ends; never raises (see :attr:`error`)."""
+        close_requested = self._close_requested = asyncio.get_running_loop().create_future()
+        if self._closing:
+            close_requested.set_result(None)
         reader = asyncio.create_task(self._reader(), name=f"{self.name}-reader")
         writer = asyncio.create_task(self._writer(), name=f"{self.name}-writer")
         self._beat = asyncio.get_running_loop().call_later(
             min(self.options.heartbeat, self.options.heartbeat_timeout) / 2, self._heartbeat
         )
         try:
-            # Ends when the peer closes (reader), when we do (writer, after
-            # flushing what was queued before the close), or when a close is
-            # asked for while both are stuck inside the transport (a stream
-            # waiting for an HTTP/2 slot): the flush wait below bounds that.
-            asking = asyncio.ensure_future(self._close_requested.wait())
-            try:
-                await asyncio.wait((reader, writer, asking), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                asking.cancel()
-            self._begin_close(None)
+            # Ends when the peer closes (the reader then closes the session),
+            # when we do, on a failure of either side (both close it), or when
+            # a close is asked for while both are stuck inside the transport
+            # (a stream waiting for an HTTP/2 slot): the flush wait below
+            # bounds that. One plain future: no extra task per idle stream.
+            await close_requested
             # Let the writer flush, but a peer that stopped reading cannot
             # hold a close hostage.
             await asyncio.wait((writer,), timeout=_FLUSH_TIMEOUT)
@@ -313,7 +427,9 @@ class Session:
                 # Even when cancelled during the cleanup above (grpc cancels the
                 # Connect handler when the client goes away), or the owner would
                 # keep a dead session registered and wait on it for ever.
-                self.closed.set()
+                self._is_closed = True
+                if self._closed_event is not None:
+                    self._closed_event.set()
                 if self._on_closed is not None:
                     self._on_closed(self)
 
@@ -321,7 +437,9 @@ class Session:
         if self._closing:
             return
         self._closing = True
-        self._close_requested.set()
+        close_requested = self._close_requested
+        if close_requested is not None and not close_requested.done():
+            close_requested.set_result(None)
         if error is not None and self.error is None:
             self.error = error
         closed = (
@@ -354,6 +472,8 @@ class Session:
         except Exception as exc:
             log.debug("%s: stream failed: %r", self.name, exc)
             self._begin_close(ConnectionClosedError(f"{self.name}: stream failed"))
+        finally:
+            self._begin_close(None)
 
     async def _take(self, frame: pb.Frame) -> None:
         if frame.acked:
@@ -423,15 +543,23 @@ class Session:
 
     def _release(self, sequence: int) -> None:
         unacked = self._unacked
-        released = 0
-        while unacked and unacked[0][0] <= sequence:
-            released += unacked.popleft()[1]
+        released = done = 0
+        for sent, count in unacked:
+            if sent > sequence:
+                break
+            released += count
+            done += 1
+        if done:
+            del unacked[:done]
         if released:
             self._credit.release(released)
 
     def _pump(self) -> None:
-        while self._backlog and self._serving < self.options.window:
-            envelope, entry, authenticated = self._backlog.popleft()
+        room = self.options.window - self._serving
+        starting = self._backlog[:room] if room > 0 else []
+        if starting:
+            del self._backlog[: len(starting)]
+        for envelope, entry, authenticated in starting:
             entry[1] -= 1
             self._serving += 1
             task = asyncio.create_task(self._serve(envelope, authenticated))
@@ -441,10 +569,15 @@ class Session:
 
     def _advance_ack(self) -> None:
         unstarted = self._unstarted
-        while unstarted and unstarted[0][1] == 0:
-            sequence = unstarted.popleft()[0]
+        done = 0
+        for sequence, waiting in unstarted:
+            if waiting:
+                break
+            done += 1
             if sequence > self._received:
                 self._received = sequence
+        if done:
+            del unstarted[:done]
         if self._received <= self._acked or self._ack_queued:
             return
         # Acks ride behind the next flush of data (a reply is usually on its
