@@ -236,7 +236,9 @@ def frame_from_json(text: str) -> bytes:
     frame = pb.Frame()
     try:
         json_format.ParseDict(_json_object(text), frame)
-    except (json_format.ParseError, ValueError, RecursionError) as exc:
+    # SystemError: upb's JSON parser fails that way on a field name holding an
+    # unpaired surrogate (found by tests/hostile/test_decode_fuzz.py).
+    except (json_format.ParseError, ValueError, RecursionError, SystemError) as exc:
         raise EnvelopeError(f"invalid JSON frame: {exc}") from None
     return frame.SerializeToString()
 
@@ -276,6 +278,8 @@ def card_from_json(text: str | bytes) -> AgentCard:
     msg = pb.AgentCard()
     try:
         json_format.ParseDict(_json_object(text), msg)
-    except (json_format.ParseError, ValueError, RecursionError) as exc:
+    # SystemError: upb's JSON parser fails that way on a field name holding an
+    # unpaired surrogate (found by tests/hostile/test_decode_fuzz.py).
+    except (json_format.ParseError, ValueError, RecursionError, SystemError) as exc:
         raise EnvelopeError(f"invalid agent card JSON: {exc}") from None
     return card_from_pb(msg)

@@ -192,3 +192,10 @@ def test_accepted_json_frames_are_frames(text: str) -> None:
     frame = pb.Frame.FromString(data)
     assert frame.SerializeToString() == data
     json.loads(_proto.frame_to_json(data))
+
+
+@pytest.mark.parametrize("decode", TEXT_DECODERS.values(), ids=TEXT_DECODERS.keys())
+def test_a_field_name_with_an_unpaired_surrogate_is_malformed(decode: Callable[[str], Any]) -> None:
+    """upb raises SystemError on such a name; the decoders must say MALFORMED instead."""
+    with pytest.raises(sigwire.EnvelopeError):
+        decode('{"\\ud800": 1}')
