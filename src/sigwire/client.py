@@ -22,12 +22,16 @@ from typing import Any, Self
 
 from sigwire.calls import Correlator, PendingCall
 from sigwire.dispatch import (
+    ACKED,
+    ACKED_KEY,
+    BATCH_SIGNATURES,
     BATCH_SIGNATURES_KEY,
     HELLO_KIND,
     Dispatcher,
     Handler,
     Handlers,
     Limits,
+    hello_features,
 )
 from sigwire.envelope import AgentCard, Envelope, Reply
 from sigwire.errors import (
@@ -200,8 +204,6 @@ class Peer:
             options=self.session_options,
             on_goaway=self._goaway,
             on_signed=self._signed,
-            # Every sigwire agent accepts batch-signed requests (docs/signing.md 4.5).
-            batch_signatures=True,
             name=f"client {target.url}",
         )
         task = asyncio.create_task(session.run(), name=f"sigwire-session {target.url}")
@@ -220,7 +222,7 @@ class Peer:
                     HELLO_KIND,
                     sender=self.did,
                     recipient=expected or "",
-                    metadata={BATCH_SIGNATURES_KEY: "1"},
+                    metadata={BATCH_SIGNATURES_KEY: "1", ACKED_KEY: "1"},
                 )
             )
             call = self.correlator.add(hello, expected_responder=expected)
@@ -236,6 +238,10 @@ class Peer:
             await session.close()
             await asyncio.gather(task, return_exceptions=True)
             raise
+        # Batch-sign and piggyback acks only if the agent says it understands them.
+        features = hello_features(reply.content_type)
+        session.batch_signatures = BATCH_SIGNATURES in features
+        session.piggyback_acks = ACKED in features
         session.bind(reply.responder)
         self.server_did = reply.responder
         with contextlib.suppress(ValueError):

@@ -38,7 +38,11 @@ from sigwire.signing import Identity, ReplayGuard, Verifier
 from sigwire.store import SqliteStore
 
 __all__ = [
+    "ACKED",
+    "ACKED_KEY",
+    "BATCH_SIGNATURES",
     "BATCH_SIGNATURES_KEY",
+    "HELLO_CONTENT_TYPE",
     "HELLO_KIND",
     "Dispatcher",
     "Handler",
@@ -58,8 +62,26 @@ Handler: TypeAlias = Callable[[Message], Awaitable[HandlerResult] | AsyncIterato
 # Reserved kind: the first envelope on a Connect stream, binding the stream to
 # its (verified) sender so that the other side can push to it by DID.
 HELLO_KIND = "sigwire.hello"
-# Hello metadata by which a peer says it accepts batch signatures (value "1").
+# Hello metadata by which a client says what it understands (value "1"):
+# batch signatures (docs/signing.md 4.5) and acks riding on any frame
+# (Frame.acked). The hello reply names what the agent understands in a
+# `features` parameter of its content type (see hello_features).
 BATCH_SIGNATURES_KEY = "sigwire.batch-signatures"
+ACKED_KEY = "sigwire.acked"
+BATCH_SIGNATURES = "batch-signatures"
+ACKED = "acked"
+HELLO_CONTENT_TYPE = f"text/plain; charset=utf-8; features={ACKED},{BATCH_SIGNATURES}"
+
+
+def hello_features(content_type: str) -> frozenset[str]:
+    """What an agent's hello reply says it understands (its ``features`` parameter)."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.strip().partition("=")
+        if name.strip().lower() == "features":
+            return frozenset(f.strip() for f in value.strip('" ').split(",") if f.strip())
+    return frozenset()
+
+
 RESERVED_PREFIX = "sigwire."
 
 
@@ -297,10 +319,11 @@ class ReplyCache:
 class SessionHooks(Protocol):
     """What a stream session lets the dispatcher do (bind it to a DID)."""
 
-    def bind(self, did: str, *, batch_signatures: bool = False) -> None:
+    def bind(self, did: str, *, batch_signatures: bool = False, acked: bool = False) -> None:
         """Record that the stream's peer is ``did`` (verified by its hello).
 
-        ``batch_signatures``: the hello says the peer accepts batch signatures.
+        ``batch_signatures``, ``acked``: the hello says the peer accepts batch
+        signatures, and reads acks riding on any frame.
         """
 
 
@@ -418,9 +441,14 @@ class Dispatcher:
             session.bind(
                 envelope.sender,
                 batch_signatures=envelope.metadata.get(BATCH_SIGNATURES_KEY) == "1",
+                acked=envelope.metadata.get(ACKED_KEY) == "1",
             )
-            # The hello reply tells the peer our size limit, before it sends anything.
-            hello_reply = self.reply(envelope, str(self.limits.max_message_size))
+            # The hello reply tells the peer our size limit, before it sends
+            # anything, and (in its content type) what we understand.
+            hello_reply = dataclasses.replace(
+                self.reply(envelope, str(self.limits.max_message_size)),
+                content_type=HELLO_CONTENT_TYPE,
+            )
             yield self.identity.sign_reply(hello_reply) if sign else hello_reply
             return
         key = (envelope.sender, envelope.id)
@@ -454,8 +482,17 @@ class Dispatcher:
             task = asyncio.create_task(self._produce(key, entry, envelope, handler, streams))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+        elif self.buckets is not None:
+            # A re-send answered from the cache runs no handler, but a re-signed
+            # retry re-binds (and so re-signs) every part: it is rated too.
+            self.buckets.take(envelope.sender)
         digest = envelope.digest()
+        me = self.identity.did
         async for reply in entry.follow():
+            if reply.responder != me:
+                # Answered under a key this agent no longer has (same store, new
+                # key): the answer stands, signed again by the current key.
+                reply = dataclasses.replace(reply, responder=me, signature=None)
             if reply.request_digest != digest:
                 # A re-signed retry (same id, new nonce or timestamp): the cached
                 # answer is re-bound to the request that asked for it this time.

@@ -123,7 +123,7 @@ def signature_digest(signature: Signature | None, signing_input: bytes = b"") ->
     share, SHA-256 of the value followed by the request's own Merkle leaf
     (computed from ``signing_input``), so that each digest names one request.
     """
-    if signature is None:
+    if signature is None or not signature.value:
         return _EMPTY_SHA256
     if signature.batch is not None:
         return _sha256(signature.value + leaf_hash(signing_input))
@@ -333,6 +333,14 @@ class Reply:
     sequence: int = 0
     final: bool = True
     signature: Signature | None = None
+    # The signed forms of this (unsigned) reply, alone and in a batch, once
+    # made: the reply cache hands the same unsigned reply to every re-send of
+    # its request, which then costs no new signature (Identity.sign_reply,
+    # Identity.sign_batch). The batch form goes only to peers that accept it.
+    _signed: Reply | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _batch_signed: Reply | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def signing_input(self, *, signer: str | None = None, algorithm: str = ED25519) -> bytes:
         """Bytes covered by the signature, bound to the request (``docs/signing.md``)."""

@@ -207,8 +207,11 @@ class Session:
             writer signed, before it is written (the owner keeps the signed
             one to re-send it and to check the replies bound to it).
         batch_signatures: Sign what one frame carries with one batch
-            signature (``docs/signing.md`` 4.5). A server turns it on when the
-            peer's hello says it accepts them; every sigwire agent does.
+            signature (``docs/signing.md`` 4.5). Turned on when the peer says
+            it accepts them (a client in its hello, an agent in its hello reply).
+        piggyback_acks: Carry acks in ``Frame.acked`` on frames written anyway;
+            else each flush that has something to ack writes an Ack frame.
+            Turned on the same way.
         name: For log lines.
 
     Envelopes and replies queued unsigned, authored by the dispatcher's
@@ -255,6 +258,7 @@ class Session:
         "name",
         "options",
         "peer_did",
+        "piggyback_acks",
         "stream",
     )
 
@@ -270,6 +274,7 @@ class Session:
         on_closed: Callable[[Session], None] | None = None,
         on_signed: Callable[[Envelope, Envelope], None] | None = None,
         batch_signatures: bool = False,
+        piggyback_acks: bool = False,
         name: str = "session",
     ) -> None:
         self.stream = stream
@@ -291,6 +296,7 @@ class Session:
         self._on_closed = on_closed
         self._on_signed = on_signed
         self.batch_signatures = batch_signatures
+        self.piggyback_acks = piggyback_acks
         self._identity = dispatcher.identity
         self._queue = _Outbox()
         self._credit = _Credit(self.options.window)
@@ -337,12 +343,13 @@ class Session:
                 self._bound_event.set()
         return self._bound_event
 
-    def bind(self, did: str, *, batch_signatures: bool = False) -> None:
+    def bind(self, did: str, *, batch_signatures: bool = False, acked: bool = False) -> None:
         """Record the peer's verified DID (from its hello), and what it accepts."""
         if self.peer_did is not None:
             return
         self.peer_did = did
         self.batch_signatures = self.batch_signatures or batch_signatures
+        self.piggyback_acks = self.piggyback_acks or acked
         if self._bound_event is not None:
             self._bound_event.set()
         if self._on_bind is not None:
@@ -692,11 +699,12 @@ class Session:
                 frames.append(item)
         close_messages()
         # The pending ack (cumulative, so one suffices) rides on the last frame
-        # written anyway; only when there is none does it take a frame of its own.
+        # written anyway, for a peer that reads Frame.acked; otherwise, or when
+        # nothing else is written, it takes a frame of its own.
         self._ack_queued = False
         if self._received > self._acked:
             self._acked = self._received
-            if frames:
+            if frames and self.piggyback_acks:
                 frames[-1].acked = self._acked
             else:
                 frames.append(pb.Frame(ack=pb.Ack(sequence=self._acked)))
@@ -707,16 +715,28 @@ class Session:
 
     def _sign(self, messages: list[_M]) -> list[_M]:
         # Sign what was queued unsigned (our own requests and answers): in one
-        # batch signature when the peer accepts them, else one by one.
+        # batch signature when the peer accepts them, else one by one. An
+        # answer signed before (a re-send from the reply cache) keeps its
+        # signature and costs none.
         identity = self._identity
         did = identity.did
-        todo = [
-            i
-            for i, m in enumerate(messages)
-            if m.signature is None and (m.sender if isinstance(m, Envelope) else m.responder) == did
-        ]
+        out = list(messages)
+        todo = []
+        for i, m in enumerate(messages):
+            if m.signature is not None:
+                continue
+            if (m.sender if isinstance(m, Envelope) else m.responder) != did:
+                # Never written unsigned: a bug upstream, and the stream says so.
+                raise SigwireError("refusing to write an unsigned message by another DID")
+            if isinstance(m, Reply):
+                # Only a peer that accepts batch signatures gets a batch form.
+                again = m._signed or (m._batch_signed if self.batch_signatures else None)
+                if again is not None:
+                    out[i] = again
+                    continue
+            todo.append(i)
         if not todo:
-            return messages
+            return out
         if self.batch_signatures and len(todo) > 1:
             signed = identity.sign_batch([messages[i] for i in todo])
         else:
@@ -724,7 +744,6 @@ class Session:
                 identity.sign_envelope(m) if isinstance(m, Envelope) else identity.sign_reply(m)
                 for m in (messages[i] for i in todo)
             ]
-        out = list(messages)
         for i, message in zip(todo, signed, strict=True):
             out[i] = message
         return out

@@ -273,7 +273,11 @@ class Identity:
             raise InvalidSignatureError(f"cannot sign for responder {reply.responder}")
         if reply.signature is not None:
             reply = dataclasses.replace(reply, signature=None)
-        return dataclasses.replace(reply, signature=self._signature(reply.signing_input()))
+        elif reply._signed is not None:
+            return reply._signed  # signed before: re-sends cost no signature
+        signed = dataclasses.replace(reply, signature=self._signature(reply.signing_input()))
+        object.__setattr__(reply, "_signed", signed)
+        return signed
 
     def sign_batch(self, messages: Sequence[_M]) -> list[_M]:
         """``messages`` signed together: one Ed25519 signature for the whole batch.
@@ -303,13 +307,17 @@ class Identity:
         root, paths = merkle_tree([leaf_hash(data) for data in inputs])
         size = len(messages)
         value = self.sign(batch_signing_input(size, root, ED25519, did))
-        return [
+        signed = [
             dataclasses.replace(
                 message,
                 signature=Signature(did, ED25519, value, BatchProof(index, size, path)),
             )
             for index, (message, path) in enumerate(zip(messages, paths, strict=True))
         ]
+        for before, after in zip(messages, signed, strict=True):
+            if isinstance(before, Reply) and before.signature is None:
+                object.__setattr__(before, "_batch_signed", after)
+        return signed
 
     def sign_card(self, card: AgentCard) -> AgentCard:
         """``card`` signed by this identity, which must be the card's DID."""

@@ -1,7 +1,7 @@
 """Review of batch signatures, piggybacked acks and signing at egress.
 
-Each xfail test pins a defect found in review (strict: it must start passing
-once fixed); the passing tests pin properties verified along the way.
+The first three tests pin defects found in review (they were strict xfails
+until fixed); the others pin properties verified along the way.
 """
 
 from __future__ import annotations
@@ -38,12 +38,6 @@ async def _barrier(stream: RawStream, token: int) -> None:
             return
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Acks now ride only in Frame.acked (session.py _flush), with no hello "
-    "capability gating it: a peer built on the previous protocol (it reads Ack "
-    "frames only, as sigwire 8e179e7 does) never gets its window back and hangs",
-)
 async def test_peer_that_reads_only_ack_frames_gets_its_window_back(
     server: sigwire.Server, client_identity: sigwire.Identity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -68,13 +62,6 @@ async def test_peer_that_reads_only_ack_frames_gets_its_window_back(
             assert reply.data == b"%d" % i
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The reply cache holds unsigned replies (dispatch.py _produce) and every "
-    "follower signs them again at egress: each exact duplicate of a streamed "
-    "request (duplicates bypass the rate limiter) now costs one Ed25519 "
-    "signature per cached part, ~20x the CPU of re-sending signed replies",
-)
 async def test_duplicate_of_a_streamed_request_does_not_resign_every_part(
     server: sigwire.Server, client_identity: sigwire.Identity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,12 +97,6 @@ async def test_duplicate_of_a_streamed_request_does_not_resign_every_part(
     assert signatures - before < parts + 1, f"{signatures - before} signatures for 3 duplicates"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py _sign signs only unsigned messages authored by its identity and "
-    "writes the others as they are: a stored answer by a previous key (same --store, "
-    "new --key) goes out on Connect with no signature at all",
-)
 async def test_stored_answer_of_another_key_is_never_written_unsigned(
     make_server: MakeServer, client_identity: sigwire.Identity, tmp_path: Path
 ) -> None:
