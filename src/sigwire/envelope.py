@@ -241,6 +241,31 @@ class Envelope:
             object.__setattr__(self, "_signed_input", data)
         return data
 
+    def with_signature(self, signature: Signature, signing_input: bytes | None = None) -> Envelope:
+        """This envelope carrying ``signature`` (``dataclasses.replace``, faster).
+
+        ``signing_input``: what the signature was computed over, kept so that
+        the signed envelope need not rebuild it (its digest needs it).
+        """
+        signed = Envelope(
+            self.id,
+            self.kind,
+            self.sender,
+            self.payload,
+            self.recipient,
+            self.context_id,
+            self.task_id,
+            self.role,
+            self.content_type,
+            self.metadata,
+            self.created_at_ms,
+            self.nonce,
+            signature,
+        )
+        if signing_input is not None:
+            object.__setattr__(signed, "_signed_input", signing_input)
+        return signed
+
     def validate(self) -> None:
         """Check the fields every receiver requires.
 
@@ -341,6 +366,22 @@ class Reply:
     _batch_signed: Reply | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
+
+    def with_signature(self, signature: Signature) -> Reply:
+        """This reply carrying ``signature`` (``dataclasses.replace``, faster)."""
+        return Reply(
+            self.request_id,
+            self.request_digest,
+            self.responder,
+            self.success,
+            self.data,
+            self.content_type,
+            self.error,
+            self.created_at_ms,
+            self.sequence,
+            self.final,
+            signature,
+        )
 
     def signing_input(self, *, signer: str | None = None, algorithm: str = ED25519) -> bytes:
         """Bytes covered by the signature, bound to the request (``docs/signing.md``)."""

@@ -265,7 +265,8 @@ class Identity:
             raise InvalidSignatureError(f"cannot sign for sender {envelope.sender}")
         if envelope.signature is not None:
             envelope = dataclasses.replace(envelope, signature=None)
-        return dataclasses.replace(envelope, signature=self._signature(envelope.signing_input()))
+        data = envelope.signing_input()
+        return envelope.with_signature(self._signature(data), data)
 
     def sign_reply(self, reply: Reply) -> Reply:
         """``reply`` signed by this identity, which must be its responder."""
@@ -275,7 +276,7 @@ class Identity:
             reply = dataclasses.replace(reply, signature=None)
         elif reply._signed is not None:
             return reply._signed  # signed before: re-sends cost no signature
-        signed = dataclasses.replace(reply, signature=self._signature(reply.signing_input()))
+        signed = reply.with_signature(self._signature(reply.signing_input()))
         object.__setattr__(reply, "_signed", signed)
         return signed
 
@@ -307,13 +308,13 @@ class Identity:
         root, paths = merkle_tree([leaf_hash(data) for data in inputs])
         size = len(messages)
         value = self.sign(batch_signing_input(size, root, ED25519, did))
-        signed = [
-            dataclasses.replace(
-                message,
-                signature=Signature(did, ED25519, value, BatchProof(index, size, path)),
-            )
-            for index, (message, path) in enumerate(zip(messages, paths, strict=True))
-        ]
+        signed: list[_M] = []
+        for index, (message, data, path) in enumerate(zip(messages, inputs, paths, strict=True)):
+            signature = Signature(did, ED25519, value, BatchProof(index, size, path))
+            if isinstance(message, Envelope):
+                signed.append(message.with_signature(signature, data))
+            else:
+                signed.append(message.with_signature(signature))
         for before, after in zip(messages, signed, strict=True):
             if isinstance(before, Reply) and before.signature is None:
                 object.__setattr__(before, "_batch_signed", after)
