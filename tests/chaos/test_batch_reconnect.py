@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 import sigwire
+from tests.chaos.conftest import TRANSPORTS
 from tests.conftest import TIMEOUT
 from tests.integration.helpers import FAST_BACKOFF, TcpProxy
 
-TRANSPORTS = ("grpc", "ws")
 REQUESTS = 24
 
 
@@ -64,12 +64,6 @@ class Agent:
         return self.server.urls[TRANSPORTS.index(transport)]
 
 
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 @pytest.fixture
 async def agent(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Agent]:
     agent = Agent(monkeypatch)
@@ -78,15 +72,6 @@ async def agent(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Agent]:
     agent.gate.set()
     async with asyncio.timeout(TIMEOUT):
         await agent.server.stop(grace=0)
-
-
-@pytest.fixture
-async def proxy(agent: Agent, transport: str) -> AsyncIterator[TcpProxy]:
-    port = int(agent.url(transport).split(":")[2].split("/")[0])
-    proxy = TcpProxy(port)
-    await proxy.listen()
-    yield proxy
-    await proxy.aclose()
 
 
 def _connect(proxy: TcpProxy, transport: str, identity: sigwire.Identity) -> Any:

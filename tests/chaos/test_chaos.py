@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 import sigwire
+from tests.chaos.conftest import TRANSPORTS
 from tests.conftest import TIMEOUT
 from tests.integration.helpers import FAST_BACKOFF, TcpProxy
-
-TRANSPORTS = ("grpc", "ws")
 
 
 class Agent:
@@ -58,12 +57,6 @@ class Agent:
         return self.server.urls[TRANSPORTS.index(transport)]
 
 
-@pytest.fixture(params=TRANSPORTS)
-def transport(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    return name
-
-
 @pytest.fixture
 async def agent() -> AsyncIterator[Agent]:
     agent = Agent()
@@ -72,15 +65,6 @@ async def agent() -> AsyncIterator[Agent]:
     agent.gate.set()
     async with asyncio.timeout(TIMEOUT):
         await agent.server.stop(grace=0)
-
-
-@pytest.fixture
-async def proxy(agent: Agent, transport: str) -> AsyncIterator[TcpProxy]:
-    port = int(agent.url(transport).split(":")[2].split("/")[0])
-    proxy = TcpProxy(port)
-    await proxy.listen()
-    yield proxy
-    await proxy.aclose()
 
 
 def via(proxy: TcpProxy, transport: str) -> str:
