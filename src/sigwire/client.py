@@ -262,7 +262,19 @@ class Peer:
                 return
             for call in todo:
                 call.sent_on = session
-                await session.send_envelope(call.envelope)
+                envelope = call.envelope
+                signature = envelope.signature
+                if (
+                    signature is not None
+                    and signature.batch is not None
+                    and not session.batch_signatures
+                ):
+                    # This agent did not say it accepts batch signatures (one
+                    # rolled back, or another behind the same address): the
+                    # same request, re-signed on its own (a re-signed retry,
+                    # answered from the reply cache if the first one ran).
+                    envelope = call.envelope = envelope.renewed()
+                await session.send_envelope(envelope)
 
     def _signed(self, unsigned: Envelope, signed: Envelope) -> None:
         # The session's writer signed a request: keep the signed one, to re-send

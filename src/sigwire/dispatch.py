@@ -319,6 +319,9 @@ class ReplyCache:
 class SessionHooks(Protocol):
     """What a stream session lets the dispatcher do (bind it to a DID)."""
 
+    #: Ids the stream re-sent and had answered from the cache (None: none yet).
+    resent: set[str] | None
+
     def bind(self, did: str, *, batch_signatures: bool = False, acked: bool = False) -> None:
         """Record that the stream's peer is ``did`` (verified by its hello).
 
@@ -482,10 +485,18 @@ class Dispatcher:
             task = asyncio.create_task(self._produce(key, entry, envelope, handler, streams))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
-        elif self.buckets is not None:
-            # A re-send answered from the cache runs no handler, but a re-signed
-            # retry re-binds (and so re-signs) every part: it is rated too.
-            self.buckets.take(envelope.sender)
+        elif self.buckets is not None and (fresh or not _first_resend(session, envelope.id)):
+            # A re-send answered from the cache runs no handler, yet it costs
+            # the agent every cached reply again (and a re-signed retry, a
+            # signature on each): it is rated, but for the one re-send per id
+            # a client makes on a new stream after a reconnect, which must
+            # not fail for work already done.
+            try:
+                self.buckets.take(envelope.sender)
+            except SigwireError:
+                if fresh:
+                    self.guard.release(envelope)  # the identical retry may come later
+                raise
         digest = envelope.digest()
         me = self.identity.did
         async for reply in entry.follow():
@@ -578,6 +589,20 @@ class Dispatcher:
     def running(self) -> tuple[asyncio.Task[None], ...]:
         """Tasks currently inside a handler."""
         return tuple(self._running)
+
+
+def _first_resend(session: SessionHooks | None, request_id: str) -> bool:
+    # True the first time ``session`` re-sends ``request_id`` (an exact
+    # duplicate of a request it, or an earlier stream, sent).
+    if session is None:
+        return False  # a unary Send: each call is its own RPC
+    resent = session.resent
+    if resent is None:
+        resent = session.resent = set()
+    elif request_id in resent:
+        return False
+    resent.add(request_id)
+    return True
 
 
 def _content(envelope: Envelope) -> int:

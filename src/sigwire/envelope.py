@@ -266,6 +266,17 @@ class Envelope:
             object.__setattr__(signed, "_signed_input", signing_input)
         return signed
 
+    def renewed(self) -> Envelope:
+        """The same request under a fresh nonce and timestamp, unsigned.
+
+        Signed again, it is a *re-signed retry* (docs/signing.md section 8):
+        the receiver answers it from its reply cache, under the same ``id``,
+        without running the handler a second time.
+        """
+        return dataclasses.replace(
+            self, created_at_ms=now_ms(), nonce=os.urandom(MIN_NONCE_LENGTH), signature=None
+        )
+
     def validate(self) -> None:
         """Check the fields every receiver requires.
 

@@ -259,6 +259,7 @@ class Session:
         "options",
         "peer_did",
         "piggyback_acks",
+        "resent",
         "stream",
     )
 
@@ -297,6 +298,9 @@ class Session:
         self._on_signed = on_signed
         self.batch_signatures = batch_signatures
         self.piggyback_acks = piggyback_acks
+        # Ids this stream re-sent and had answered from the reply cache (made
+        # on the first one): the dispatcher rates only a second re-send.
+        self.resent: set[str] | None = None
         self._identity = dispatcher.identity
         self._queue = _Outbox()
         self._credit = _Credit(self.options.window)

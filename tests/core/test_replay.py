@@ -342,3 +342,19 @@ def test_unsigned_envelopes_with_other_content_are_replays(guard: ReplayGuard) -
     assert guard.check_and_mark(first, now=T0) is False
     with pytest.raises(ReplayError):
         guard.check_and_mark(other, now=T0)
+
+
+def test_a_renewed_envelope_is_a_fresh_request_under_the_same_id(alice: Identity) -> None:
+    """``renewed()``: same id and content, new nonce and timestamp, unsigned; fresh to the guard."""
+    guard = ReplayGuard()
+    first = alice.sign_envelope(Envelope.new("echo", b"x", sender=alice.did))
+    renewed = first.renewed()
+    assert renewed.signature is None
+    assert renewed.nonce != first.nonce
+    assert renewed.created_at_ms >= first.created_at_ms
+    same = ("id", "kind", "sender", "payload", "recipient", "metadata", "content_type")
+    assert all(getattr(renewed, name) == getattr(first, name) for name in same)
+    resigned = alice.sign_envelope(renewed)
+    assert resigned.digest() != first.digest()
+    assert guard.check_and_mark(first) is True
+    assert guard.check_and_mark(resigned) is True

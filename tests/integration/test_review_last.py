@@ -1,18 +1,17 @@
 """Review of 3d84aa3..2ab433b (negotiated features, cached signed replies, rated re-sends).
 
-Each test pins one finding as a strict xfail: it fails today and passes once fixed.
+Each test pins one finding of that review (fixed since):
 
-1. A client re-sends, after a reconnect, the batch-signed envelopes of its first
-   stream unchanged, even when the new stream's hello reply announces no
+1. A client re-sent, after a reconnect, the batch-signed envelopes of its first
+   stream unchanged, even when the new stream's hello reply announced no
    ``batch-signatures`` (an agent rolled back to, or load-balanced onto, the
    earlier protocol, which refuses batch-signed requests). docs/signing.md 4.5:
-   "a sender may re-send a message with the signature it first had, single or
-   batch (the latter only to a peer that accepts batch signatures)".
-2. Exact re-sends answered from the reply cache now take a rate-limit token, so
-   the re-sends a client makes on its own after a reconnect can be refused
-   with RATE_LIMITED although their handlers ran (or still run): the caller
-   sees a failure for work that was done, and docs/signing.md 8.1 puts
-   RATE_LIMITED before the handler ("each releases the nonce").
+   such requests now go out as re-signed retries, signed alone.
+2. Exact re-sends answered from the reply cache took a rate-limit token, so
+   the re-sends a client makes on its own after a reconnect could be refused
+   with RATE_LIMITED although their handlers ran (or still ran): the caller
+   saw a failure for work that was done. The first re-send of an id on a
+   stream is now free (docs/signing.md 8).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ class Recorder:
     admitted: list[tuple[sigwire.Envelope, bool]] = field(default_factory=list)
     started: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
     duplicates: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    arrivals: asyncio.Queue[sigwire.Envelope] = field(default_factory=asyncio.Queue)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     runs: int = 0
 
@@ -63,6 +63,8 @@ def _instrument(server: sigwire.Server, rec: Recorder, monkeypatch: pytest.Monke
     def recording(envelope: sigwire.Envelope, *, authenticated: bool = False) -> bool:
         fresh = admit(envelope, authenticated=authenticated)
         rec.admitted.append((envelope, fresh))
+        if envelope.kind == "work":
+            rec.arrivals.put_nowait(envelope)
         if not fresh:
             rec.duplicates.put_nowait(envelope.id)
         return fresh
@@ -75,11 +77,6 @@ async def _take(queue: asyncio.Queue[Any], count: int) -> None:
         await queue.get()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Peer._resend re-sends batch-signed envelopes to a stream whose agent "
-    "announced no batch-signatures (client.py _resend/_signed; signing.md 4.5)",
-)
 async def test_resend_to_an_agent_without_batch_signatures_is_not_batch_signed(
     make_server: MakeServer,
     make_proxy: MakeProxy,
@@ -102,6 +99,7 @@ async def test_resend_to_an_agent_without_batch_signatures_is_not_batch_signed(
             for i in range(requests)
         ]
         await _take(recorder.started, requests)
+        await _take(recorder.arrivals, requests)
         first = [e for e, fresh in recorder.admitted if fresh and e.kind == "work"]
         assert len([e for e in first if e.signature and e.signature.batch]) >= 2, (
             "precondition: the first stream carried batch-signed requests"
@@ -110,14 +108,16 @@ async def test_resend_to_an_agent_without_batch_signatures_is_not_batch_signed(
         # hello reply announces no feature (as in tests/parity/test_negotiation.py).
         monkeypatch.setattr(sigwire.dispatch, "HELLO_CONTENT_TYPE", "text/plain; charset=utf-8")
         proxy.cut()
-        await _take(recorder.duplicates, requests)
+        await _take(recorder.arrivals, requests)  # every request again, on the new stream
         session = peer._session
         assert session is not None
         assert not session.batch_signatures  # negotiated: none
         recorder.gate.set()
         replies = await asyncio.gather(*pending)
     assert [r.data for r in replies] == [b"done %d" % i for i in range(requests)]
-    resent = [e for e, fresh in recorder.admitted if not fresh and e.kind == "work"]
+    assert recorder.runs == requests  # the re-signed retries were answered from the cache
+    resent = [e for e, _ in recorder.admitted if e.kind == "work"][requests:]
+    assert sorted(e.id for e in resent) == sorted(e.id for e in first)
     batched = [e.id for e in resent if e.signature and e.signature.batch is not None]
     assert batched == [], (
         f"{len(batched)} of {len(resent)} re-sent envelopes carry a batch signature to an "
@@ -125,12 +125,6 @@ async def test_resend_to_an_agent_without_batch_signatures_is_not_batch_signed(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dispatch.py: exact re-sends answered from the reply cache take a rate-limit "
-    "token; a client's automatic re-sends after a reconnect fail RATE_LIMITED "
-    "although their handlers ran",
-)
 async def test_automatic_resends_after_a_reconnect_are_not_refused(
     make_server: MakeServer,
     make_proxy: MakeProxy,

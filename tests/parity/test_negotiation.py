@@ -5,8 +5,9 @@ A client says in its hello metadata what it understands (``sigwire.batch-signatu
 (``features=acked,batch-signatures``). Each side batch-signs and piggybacks acks
 only for a peer that said it understands them. A cached reply keeps its signed
 forms, so an exact re-send costs no signature, and only a batch peer ever gets
-the batch form; every re-send answered from the cache still takes a rate-limit
-token. Everything runs on real loopback servers with real keys; nothing waits
+the batch form; a re-send answered from the cache takes a rate-limit token,
+but for the first re-send of each id on a stream (a client's own re-send after
+a reconnect). Everything runs on real loopback servers with real keys; nothing waits
 on time (the ack timer is pushed out of reach where it would race a flush).
 """
 
@@ -352,7 +353,11 @@ async def test_unary_duplicates_beyond_the_burst_are_rate_limited(
 async def test_stream_duplicates_beyond_the_burst_are_rate_limited(
     make_server: MakeServer, probe: Probe, client_identity: sigwire.Identity, transport: str
 ) -> None:
-    """Burst 3 on a stream: the hello, the request, 1 duplicate answered; then RATE_LIMITED."""
+    """Burst 3 on a stream: the hello, the request, 2 duplicates answered; then RATE_LIMITED.
+
+    The first re-send of an id on a stream is free (what a client does after
+    a reconnect); the next ones take a token each.
+    """
     server = await make_server(limits=RATED)
     envelope = client_identity.sign_envelope(
         sigwire.Envelope.new("counted", b"", sender=client_identity.did)
@@ -360,11 +365,46 @@ async def test_stream_duplicates_beyond_the_burst_are_rate_limited(
     results: list[str] = []
     async with asyncio.timeout(TIMEOUT), open_raw(server, transport) as stream:
         await stream.hello(client_identity, server.identity.did)
-        for _ in range(4):
+        for _ in range(5):
             await stream.send_envelopes(envelope)
             reply = (await stream.final_replies({envelope.id}))[envelope.id]
             sigwire.Verifier().verify_reply(reply, envelope, expected_responder=server.identity.did)
             results.append(reply.error.reason if reply.error else reply.data.decode())
         await _barrier(stream, 1)  # still served after the refusals
-    assert results == ["run 1"] * 2 + ["RATE_LIMITED"] * 2
+    assert results == ["run 1"] * 3 + ["RATE_LIMITED"] * 2
     assert probe.calls["counted"] == 1
+
+
+async def test_a_refused_resigned_retry_releases_its_nonce(
+    make_server: MakeServer, probe: Probe, client_identity: sigwire.Identity
+) -> None:
+    """Burst 2 over ``Send``: the request, one re-signed retry, then a retry RATE_LIMITED.
+
+    The refused retry ran nothing and was answered nothing: its nonce is free
+    again, so the identical envelope may come back once a token is.
+    """
+    server = await make_server(limits=sigwire.Limits(rate=0.001, burst=2))
+    first = sigwire.Envelope.new("echo", b"again", sender=client_identity.did)
+    retries = [client_identity.sign_envelope(first.renewed()) for _ in range(2)]
+    results: list[str] = []
+    async with asyncio.timeout(TIMEOUT):
+        channel = grpc.aio.insecure_channel(grpc_authority(server))
+        try:
+            for envelope in [client_identity.sign_envelope(first), *retries]:
+                try:
+                    answer = await stub(channel).Send(to_pb(envelope))
+                except grpc.aio.AioRpcError as exc:
+                    results.append(rpc_failure(exc).info.reason)
+                else:
+                    reply = _proto.reply_from_pb(answer)
+                    sigwire.Verifier().verify_reply(
+                        reply, envelope, expected_responder=server.identity.did
+                    )
+                    results.append(reply.data.decode())
+        finally:
+            await channel.close(grace=None)
+    assert results == ["again", "again", "RATE_LIMITED"]
+    assert probe.calls["echo"] == 1
+    guard = server.dispatcher.guard
+    assert guard.check_and_mark(retries[1]) is True  # released: fresh once more
+    assert guard.check_and_mark(retries[0]) is False  # answered: still a duplicate
