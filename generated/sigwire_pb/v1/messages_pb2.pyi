@@ -503,9 +503,10 @@ class Frame(_message.Message):
     """
     acked: _builtins.int
     """Cumulative acknowledgement riding on any frame, with the same meaning as
-    Ack.sequence (0 = none). A writer puts its pending ack on the last frame
-    it writes anyway, so acks cost no stream message of their own while data
-    flows; a standalone Ack frame goes out only when nothing else does.
+    Ack.sequence (0 = none). Towards a peer that declared the "acked" feature
+    in its hello, a writer puts its pending ack on the last frame it writes
+    anyway, so acks cost no stream message of their own while data flows;
+    towards any other peer every ack is an Ack frame. Always read it.
     """
     @_builtins.property
     def envelopes(self) -> Global___EnvelopeBatch:
