@@ -320,19 +320,13 @@ async def test_duplicates_of_a_streamed_request_cost_no_signature(
 RATED = sigwire.Limits(rate=0.001, burst=3)
 
 
-async def test_unary_duplicates_beyond_the_burst_are_rate_limited(
-    make_server: MakeServer, probe: Probe, client_identity: sigwire.Identity
-) -> None:
-    """Burst 3 over ``Send``: the request and 2 duplicates answered, then RATE_LIMITED."""
-    server = await make_server(limits=RATED)
-    envelope = client_identity.sign_envelope(
-        sigwire.Envelope.new("echo", b"once", sender=client_identity.did)
-    )
+async def _send_each(server: sigwire.Server, envelopes: list[sigwire.Envelope]) -> list[str]:
+    """Each envelope over ``Send`` in turn: the verified answer, or the refusal's reason."""
     results: list[str] = []
     async with asyncio.timeout(TIMEOUT):
         channel = grpc.aio.insecure_channel(grpc_authority(server))
         try:
-            for _ in range(5):
+            for envelope in envelopes:
                 try:
                     answer = await stub(channel).Send(to_pb(envelope))
                 except grpc.aio.AioRpcError as exc:
@@ -345,6 +339,18 @@ async def test_unary_duplicates_beyond_the_burst_are_rate_limited(
                     results.append(reply.data.decode())
         finally:
             await channel.close(grace=None)
+    return results
+
+
+async def test_unary_duplicates_beyond_the_burst_are_rate_limited(
+    make_server: MakeServer, probe: Probe, client_identity: sigwire.Identity
+) -> None:
+    """Burst 3 over ``Send``: the request and 2 duplicates answered, then RATE_LIMITED."""
+    server = await make_server(limits=RATED)
+    envelope = client_identity.sign_envelope(
+        sigwire.Envelope.new("echo", b"once", sender=client_identity.did)
+    )
+    results = await _send_each(server, [envelope] * 5)
     assert results == ["once"] * 3 + ["RATE_LIMITED"] * 2
     assert probe.calls["echo"] == 1
 
@@ -386,23 +392,7 @@ async def test_a_refused_resigned_retry_releases_its_nonce(
     server = await make_server(limits=sigwire.Limits(rate=0.001, burst=2))
     first = sigwire.Envelope.new("echo", b"again", sender=client_identity.did)
     retries = [client_identity.sign_envelope(first.renewed()) for _ in range(2)]
-    results: list[str] = []
-    async with asyncio.timeout(TIMEOUT):
-        channel = grpc.aio.insecure_channel(grpc_authority(server))
-        try:
-            for envelope in [client_identity.sign_envelope(first), *retries]:
-                try:
-                    answer = await stub(channel).Send(to_pb(envelope))
-                except grpc.aio.AioRpcError as exc:
-                    results.append(rpc_failure(exc).info.reason)
-                else:
-                    reply = _proto.reply_from_pb(answer)
-                    sigwire.Verifier().verify_reply(
-                        reply, envelope, expected_responder=server.identity.did
-                    )
-                    results.append(reply.data.decode())
-        finally:
-            await channel.close(grace=None)
+    results = await _send_each(server, [client_identity.sign_envelope(first), *retries])
     assert results == ["again", "again", "RATE_LIMITED"]
     assert probe.calls["echo"] == 1
     guard = server.dispatcher.guard
