@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base58
+from hypothesis import given
+from hypothesis import strategies as st
 import pytest
 
 from sigwire.errors import InvalidDidError, SigningError
@@ -164,3 +166,89 @@ def test_off_curve_and_noncanonical_keys_are_refused(key_hex: str, problem: str)
     did = "did:key:z" + base58.b58encode(b"\xed\x01" + bytes.fromhex(key_hex)).decode()
     with pytest.raises(InvalidDidError, match=problem):
         public_key_from_did(did)
+
+
+# --- the key check against RFC 8032's decoding --------------------------------------------
+
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+
+
+def _rfc8032_problem(key: bytes) -> str:
+    """The model: decode x as RFC 8032 section 5.1.3 does, then multiply by the cofactor 8."""
+    y = int.from_bytes(key, "little") & ((1 << 255) - 1)
+    sign = key[31] >> 7
+    if y >= _P:
+        return "canonical"
+    x2 = (y * y - 1) * pow(_D * y * y + 1, -1, _P) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P:
+        x = x * pow(2, (_P - 1) // 4, _P) % _P
+    if (x * x - x2) % _P:
+        return "not a point"
+    if x == 0 and sign:
+        return "canonical"
+    if x & 1 != sign:
+        x = _P - x
+    for _ in range(3):  # P -> 2P on -x^2 + y^2 = 1 + d x^2 y^2
+        xx, yy = x * x % _P, y * y % _P
+        x, y = (
+            2 * x * y * pow((yy - xx) % _P, -1, _P) % _P,
+            (yy + xx) * pow((2 + xx - yy) % _P, -1, _P) % _P,
+        )
+    return "small-order" if (x, y) == (0, 1) else ""
+
+
+def _problem(key: bytes) -> str:
+    did = "did:key:z" + base58.b58encode(b"\xed\x01" + key).decode()
+    try:
+        public_key_from_did(did)
+    except InvalidDidError as exc:
+        for word in ("canonical", "not a point", "small-order"):
+            if word in str(exc):
+                return word
+        raise
+    return ""
+
+
+def _edge_keys() -> list[bytes]:
+    # Every y within 40 of 0, of p and of the small-order ys, both signs; and
+    # the non-canonical encodings y + p of the smallest ys.
+    ys = [y % 2**255 for c in (0, _P, *_small_order_ys()) for y in range(c - 40, c + 41)]
+    ys += [y + _P for y in range(19)]
+    return [
+        (y | sign << 255).to_bytes(32, "little")
+        for y in ys
+        if 0 <= y < 2**255
+        for sign in (0, 1)
+    ]
+
+
+def _small_order_ys() -> list[int]:
+    return [
+        int.from_bytes(bytes.fromhex(h), "little")
+        for h in (
+            "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+            "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        )
+    ]
+
+
+def test_key_check_agrees_with_rfc8032_decoding_near_every_edge() -> None:
+    """Around 0, p and each small-order y, both signs: the same verdict as the model."""
+    keys = _edge_keys()
+    verdicts = {key: _rfc8032_problem(key) for key in keys}
+    assert {v for v in verdicts.values()} == {"", "canonical", "not a point", "small-order"}
+    assert {key.hex(): _problem(key) for key in keys} == {k.hex(): v for k, v in verdicts.items()}
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_key_check_agrees_with_rfc8032_decoding(key: bytes) -> None:
+    """Any 32 bytes: refused for the same reason as RFC 8032's decoding says, or accepted."""
+    assert _problem(key) == _rfc8032_problem(key)
+
+
+def test_real_public_keys_pass_the_key_check() -> None:
+    """Keys of generated identities are never refused (half have the sign bit set)."""
+    keys = [Identity.generate().public_key for _ in range(64)]
+    assert {_problem(key) for key in keys} == {""}
