@@ -158,6 +158,11 @@ class TcpProxy:
         return f"grpc://127.0.0.1:{self.port}"
 
     @property
+    def open_connections(self) -> int:
+        """Client connections piped now (one ends when either side closes it)."""
+        return len(self._tasks)
+
+    @property
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/sigwire/v1"
 

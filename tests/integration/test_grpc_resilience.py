@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
 import grpc
 import grpc.aio
@@ -201,6 +202,29 @@ async def test_closing_the_peer_fails_pending_requests(
             await blocked
         with pytest.raises(sigwire.ConnectionClosedError):
             await peer.request("echo", b"late", timeout=TIMEOUT)
+
+
+async def test_closing_the_peer_closes_its_connection(
+    server: sigwire.Server, make_proxy: MakeProxy
+) -> None:
+    """After ``close()`` the TCP connection is gone, with the peer still referenced.
+
+    grpc.aio keeps a connection open while a call made on it is referenced;
+    a closed peer must not hold one until the garbage collector runs.
+    """
+    proxy = await make_proxy(server.urls[0])
+    gc.disable()
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            peer = await sigwire.connect(proxy.url, learn_endpoints=False)
+            await peer.request("echo", b"one", timeout=TIMEOUT)
+            assert proxy.open_connections == 1
+            await peer.close()
+            while proxy.open_connections:
+                await asyncio.sleep(0.01)
+        assert peer.reconnects == 0  # still referenced here
+    finally:
+        gc.enable()
 
 
 async def test_push_expires_when_the_client_goes_away_for_good(

@@ -51,22 +51,30 @@ class _ClientStream:
     """A Connect call as a FrameStream."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes], url: str, release: object):
-        self._call = call
+        self._call: grpc.aio.StreamStreamCall[bytes, bytes] | None = call
         self._url = url
         self._release = release
         self._closed = False
 
+    def _open_call(self) -> grpc.aio.StreamStreamCall[bytes, bytes]:
+        call = self._call
+        if call is None:
+            raise ConnectionClosedError(f"{self._url}: stream closed")
+        return call
+
     async def send(self, data: bytes) -> None:
+        call = self._open_call()
         try:
-            await self._call.write(data)
+            await call.write(data)
         except grpc.aio.AioRpcError as exc:
             raise ConnectionClosedError(str(error_from_rpc(exc, url=self._url))) from None
         except Exception as exc:
             raise ConnectionClosedError(f"{self._url}: stream closed ({exc!r})") from None
 
     async def recv(self) -> bytes | None:
+        call = self._open_call()
         try:
-            data = await self._call.read()
+            data = await call.read()
         except grpc.aio.AioRpcError as exc:
             err = error_from_rpc(exc, url=self._url)
             if isinstance(err, ConnectionClosedError):
@@ -83,7 +91,13 @@ class _ClientStream:
         if self._closed:
             return
         self._closed = True
-        self._call.cancel()
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        # Without this reference, grpc.aio closes the connection now: while the
+        # call is referenced (the peer object holds it through reference
+        # cycles), the TCP connection stays open until the garbage collector runs.
+        del call
         release = self._release
         assert callable(release)
         await release()
