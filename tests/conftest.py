@@ -1,4 +1,4 @@
-"""Shared test settings.
+"""Shared test settings, and the identities of the network suites' servers and clients.
 
 TIMEOUT bounds every wait on a future or event; scale it on slow machines with
 SIGWIRE_TEST_TIMEOUT_SCALE (e.g. 3). Tests never sleep to wait for state.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import settings
+
+import sigwire
 
 TIMEOUT_SCALE = float(os.environ.get("SIGWIRE_TEST_TIMEOUT_SCALE", "1"))
 TIMEOUT = 10.0 * TIMEOUT_SCALE
@@ -19,3 +22,15 @@ TIMEOUT = 10.0 * TIMEOUT_SCALE
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("SIGWIRE_HYPOTHESIS", "ci"))
+
+
+@pytest.fixture
+def server_identity() -> sigwire.Identity:
+    """The identity of the test server."""
+    return sigwire.Identity.generate()
+
+
+@pytest.fixture
+def client_identity() -> sigwire.Identity:
+    """The identity of the test client (hostile tests: what their client signs with, if at all)."""
+    return sigwire.Identity.generate()

@@ -10,7 +10,6 @@ to the event loop that created them.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import random
@@ -26,8 +25,10 @@ from websockets.typing import Subprotocol
 
 import sigwire
 from sigwire import _proto
+from tests import servers
 from tests.conftest import TIMEOUT
 from tests.integration.helpers import RpcFailure, rpc_failure
+from tests.servers import SECRET, MakeServer
 
 pb = _proto.pb
 Code = grpc.StatusCode
@@ -94,11 +95,8 @@ INVALID = {
     "a-frame": pb.Frame(sequence=1, ping=pb.Ping(token=1)).SerializeToString(),
 }
 
-SECRET = "secret internal detail"
-"""Text of the exception the crashing handlers raise; it must never reach a peer."""
 
-
-class Probe:
+class Probe(servers.Probe):
     """What the hostile-suite handlers did, and a gate the test opens.
 
     Attributes:
@@ -108,29 +106,18 @@ class Probe:
     """
 
     def __init__(self) -> None:
-        self.calls: collections.Counter[str] = collections.Counter()
+        super().__init__()
         self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
 
 
 def install_handlers(server: sigwire.Server, probe: Probe) -> None:
     """Register the kinds every hostile-suite server serves."""
-
-    @server.on("echo")
-    async def echo(msg: sigwire.Message) -> bytes:
-        probe.calls["echo"] += 1
-        return msg.payload
-
-    @server.on("count")
-    async def count(msg: sigwire.Message) -> AsyncIterator[str]:
-        probe.calls["count"] += 1
-        for i in range(int(msg.payload or b"0")):
-            yield f"part {i}"
-
-    @server.on("crash")
-    async def crash(msg: sigwire.Message) -> bytes:
-        probe.calls["crash"] += 1
-        raise ValueError(SECRET)
+    servers.install_shared_handlers(
+        server,
+        probe,
+        block_entered=lambda _: probe.entered.set(),
+        empty_count_is_zero=True,
+    )
 
     @server.on("crash_stream")
     async def crash_stream(msg: sigwire.Message) -> AsyncIterator[str]:
@@ -148,25 +135,6 @@ def install_handlers(server: sigwire.Server, probe: Probe) -> None:
         probe.calls["too_big"] += 1
         return b"x" * (server.limits.max_message_size + 1)
 
-    @server.on("block")
-    async def block(msg: sigwire.Message) -> bytes:
-        probe.calls["block"] += 1
-        probe.entered.set()
-        await probe.gate.wait()
-        return b"released " + msg.payload
-
-
-@pytest.fixture
-def server_identity() -> sigwire.Identity:
-    """The identity of the test server."""
-    return sigwire.Identity.generate()
-
-
-@pytest.fixture
-def client_identity() -> sigwire.Identity:
-    """The identity the hostile client signs with (when it signs at all)."""
-    return sigwire.Identity.generate()
-
 
 @pytest.fixture
 def probe() -> Probe:
@@ -174,30 +142,18 @@ def probe() -> Probe:
     return Probe()
 
 
-MakeServer = Callable[..., Awaitable[sigwire.Server]]
-
-
 @pytest.fixture
 async def make_server(server_identity: sigwire.Identity, probe: Probe) -> AsyncIterator[MakeServer]:
     """Start servers with the hostile-suite handlers, on gRPC and WebSocket at 127.0.0.1:0."""
-    servers: list[sigwire.Server] = []
-
-    async def make(**options: Any) -> sigwire.Server:
-        options.setdefault("grpc", "127.0.0.1:0")
-        options.setdefault("ws", "127.0.0.1:0")
-        identity = options.pop("identity", server_identity)
-        server = sigwire.Server(identity, **options)
-        install_handlers(server, probe)
-        servers.append(server)
-        await server.start()
-        return server
-
-    yield make
-    probe.gate.set()
-    for server in servers:
-        async with asyncio.timeout(TIMEOUT):
-            await server.stop(grace=0)
-        assert server.connected() == []
+    async with servers.serving(
+        server_identity,
+        probe,
+        install_handlers,
+        lambda: {"grpc": servers.LOCAL, "ws": servers.LOCAL},
+        stop_timeout=TIMEOUT,
+        check_sessions_ended=True,
+    ) as make:
+        yield make
 
 
 @pytest.fixture

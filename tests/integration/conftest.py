@@ -7,18 +7,18 @@ created them, and pytest-asyncio gives every test its own loop.
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
 
 import grpc.aio
 import pytest
 
 import sigwire
+from tests import servers
 from tests.integration.helpers import TcpProxy, authority, dead_socket, port_of
+from tests.servers import MakeServer
 
 
-class Probe:
+class Probe(servers.Probe):
     """What the standard handlers did, and a gate the test opens.
 
     Attributes:
@@ -31,43 +31,21 @@ class Probe:
     """
 
     def __init__(self) -> None:
-        self.calls: collections.Counter[str] = collections.Counter()
+        super().__init__()
         self.active = 0
         self.peak = 0
         self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
 
 
 def install_handlers(server: sigwire.Server, probe: Probe) -> None:
     """Register the kinds every integration test server serves."""
-
-    @server.on("echo")
-    async def echo(msg: sigwire.Message) -> bytes:
-        probe.calls["echo"] += 1
-        return msg.payload
-
-    @server.on("count")
-    async def count(msg: sigwire.Message) -> AsyncIterator[str]:
-        probe.calls["count"] += 1
-        for i in range(int(msg.payload)):
-            yield f"part {i}"
-
-    @server.on("crash")
-    async def crash(msg: sigwire.Message) -> bytes:
-        probe.calls["crash"] += 1
-        raise ValueError("secret internal detail")
-
-    @server.on("refuse")
-    async def refuse(msg: sigwire.Message) -> bytes:
-        probe.calls["refuse"] += 1
-        raise sigwire.ApplicationError("nope", reason="TASK_NOT_FOUND")
-
-    @server.on("block")
-    async def block(msg: sigwire.Message) -> bytes:
-        probe.calls["block"] += 1
-        probe.entered.set()
-        await probe.gate.wait()
-        return b"released " + msg.payload
+    servers.install_shared_handlers(
+        server,
+        probe,
+        block_entered=lambda _: probe.entered.set(),
+        refuse_message="nope",
+        serve_counted=True,
+    )
 
     @server.on("count_block")
     async def count_block(msg: sigwire.Message) -> AsyncIterator[str]:
@@ -89,11 +67,6 @@ def install_handlers(server: sigwire.Server, probe: Probe) -> None:
         await asyncio.get_running_loop().create_future()
         raise AssertionError("unreachable")
 
-    @server.on("counted")
-    async def counted(msg: sigwire.Message) -> str:
-        probe.calls["counted"] += 1
-        return f"run {probe.calls['counted']}"
-
     @server.on("slow")
     async def slow(msg: sigwire.Message) -> bytes:
         probe.calls["slow"] += 1
@@ -108,46 +81,23 @@ def install_handlers(server: sigwire.Server, probe: Probe) -> None:
 
 
 @pytest.fixture
-def server_identity() -> sigwire.Identity:
-    """The identity of the test server."""
-    return sigwire.Identity.generate()
-
-
-@pytest.fixture
-def client_identity() -> sigwire.Identity:
-    """The identity of the well-behaved test client."""
-    return sigwire.Identity.generate()
-
-
-@pytest.fixture
 def probe() -> Probe:
     """Observations of the standard handlers, shared by every server of a test."""
     return Probe()
 
 
-MakeServer = Callable[..., Awaitable[sigwire.Server]]
-
-
 @pytest.fixture
 async def make_server(server_identity: sigwire.Identity, probe: Probe) -> AsyncIterator[MakeServer]:
     """Start servers with the standard handlers; ``grpc=`` defaults to 127.0.0.1:0."""
-    servers: list[sigwire.Server] = []
-
-    async def make(**options: Any) -> sigwire.Server:
-        options.setdefault("grpc", "127.0.0.1:0")
-        identity = options.pop("identity", server_identity)
-        server = sigwire.Server(identity, **options)
-        install_handlers(server, probe)
-        servers.append(server)
-        await server.start()
-        return server
-
-    yield make
-    probe.gate.set()
-    for server in servers:
-        await server.stop(grace=0)
-        # A stopped server lists nobody: every session ended and unregistered.
-        assert server.connected() == []
+    async with servers.serving(
+        server_identity,
+        probe,
+        install_handlers,
+        lambda: {"grpc": servers.LOCAL},
+        stop_timeout=None,
+        check_sessions_ended=True,
+    ) as make:
+        yield make
 
 
 @pytest.fixture

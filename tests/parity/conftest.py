@@ -7,18 +7,18 @@ created them, and pytest-asyncio gives every test its own loop.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import socket
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 import sigwire
+from tests import servers
 from tests.conftest import TIMEOUT
+from tests.servers import MakeServer
 
 FAST_BACKOFF = sigwire.Backoff(initial=0.05, maximum=0.2, attempts=None)
 """Reconnect quickly and for ever (every wait in a test is bounded by TIMEOUT)."""
@@ -27,7 +27,7 @@ TRANSPORTS = ("grpc", "ws", "memory")
 """Index in ``server.urls`` of each transport: the card lists gRPC, WebSocket, then memory."""
 
 
-class Probe:
+class Probe(servers.Probe):
     """What the standard handlers did, and a gate the test opens.
 
     Attributes:
@@ -37,46 +37,19 @@ class Probe:
     """
 
     def __init__(self) -> None:
-        self.calls: collections.Counter[str] = collections.Counter()
+        super().__init__()
         self.entered: asyncio.Queue[bytes] = asyncio.Queue()
-        self.gate = asyncio.Event()
 
 
 def install_handlers(server: sigwire.Server, probe: Probe) -> None:
     """Register the kinds every parity test server serves."""
-
-    @server.on("echo")
-    async def echo(msg: sigwire.Message) -> bytes:
-        probe.calls["echo"] += 1
-        return msg.payload
-
-    @server.on("count")
-    async def count(msg: sigwire.Message) -> AsyncIterator[str]:
-        probe.calls["count"] += 1
-        for i in range(int(msg.payload)):
-            yield f"part {i}"
-
-    @server.on("crash")
-    async def crash(msg: sigwire.Message) -> bytes:
-        probe.calls["crash"] += 1
-        raise ValueError("secret internal detail")
-
-    @server.on("refuse")
-    async def refuse(msg: sigwire.Message) -> bytes:
-        probe.calls["refuse"] += 1
-        raise sigwire.ApplicationError("no such task", reason="TASK_NOT_FOUND")
-
-    @server.on("block")
-    async def block(msg: sigwire.Message) -> bytes:
-        probe.calls["block"] += 1
-        probe.entered.put_nowait(msg.payload)
-        await probe.gate.wait()
-        return b"released " + msg.payload
-
-    @server.on("counted")
-    async def counted(msg: sigwire.Message) -> str:
-        probe.calls["counted"] += 1
-        return f"run {probe.calls['counted']}"
+    servers.install_shared_handlers(
+        server,
+        probe,
+        block_entered=probe.entered.put_nowait,
+        refuse_message="no such task",
+        serve_counted=True,
+    )
 
 
 def port_of(url: str) -> int:
@@ -87,47 +60,27 @@ def port_of(url: str) -> int:
 
 
 @pytest.fixture
-def server_identity() -> sigwire.Identity:
-    """The identity of the test server."""
-    return sigwire.Identity.generate()
-
-
-@pytest.fixture
-def client_identity() -> sigwire.Identity:
-    """The identity of the well-behaved test client."""
-    return sigwire.Identity.generate()
-
-
-@pytest.fixture
 def probe() -> Probe:
     """Observations of the standard handlers, shared by every server of a test."""
     return Probe()
 
 
-MakeServer = Callable[..., Awaitable[sigwire.Server]]
-
-
 @pytest.fixture
 async def make_server(server_identity: sigwire.Identity, probe: Probe) -> AsyncIterator[MakeServer]:
     """Start servers with the standard handlers: gRPC and WebSocket on 127.0.0.1:0, and memory."""
-    servers: list[sigwire.Server] = []
-
-    async def make(**options: Any) -> sigwire.Server:
-        options.setdefault("grpc", "127.0.0.1:0")
-        options.setdefault("ws", "127.0.0.1:0")
-        options.setdefault("memory", f"parity-{uuid.uuid4().hex}")
-        identity = options.pop("identity", server_identity)
-        server = sigwire.Server(identity, **options)
-        install_handlers(server, probe)
-        servers.append(server)
-        await server.start()
-        return server
-
-    yield make
-    probe.gate.set()
-    for server in servers:
-        async with asyncio.timeout(TIMEOUT):
-            await server.stop(grace=0)
+    async with servers.serving(
+        server_identity,
+        probe,
+        install_handlers,
+        lambda: {
+            "grpc": servers.LOCAL,
+            "ws": servers.LOCAL,
+            "memory": f"parity-{uuid.uuid4().hex}",
+        },
+        stop_timeout=TIMEOUT,
+        check_sessions_ended=False,
+    ) as make:
+        yield make
 
 
 @pytest.fixture
