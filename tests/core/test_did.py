@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base58
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-import pytest
 
 from sigwire.errors import InvalidDidError, SigningError
 from sigwire.signing import Identity, did_from_public_key, public_key_from_did
@@ -217,10 +217,7 @@ def _edge_keys() -> list[bytes]:
     ys = [y % 2**255 for c in (0, _P, *_small_order_ys()) for y in range(c - 40, c + 41)]
     ys += [y + _P for y in range(19)]
     return [
-        (y | sign << 255).to_bytes(32, "little")
-        for y in ys
-        if 0 <= y < 2**255
-        for sign in (0, 1)
+        (y | sign << 255).to_bytes(32, "little") for y in ys if 0 <= y < 2**255 for sign in (0, 1)
     ]
 
 
