@@ -52,6 +52,7 @@ __all__ = [
     "ReplyCache",
     "SessionHooks",
     "TokenBuckets",
+    "finished",
 ]
 
 log = logging.getLogger("sigwire.server")
@@ -188,9 +189,15 @@ class TokenBuckets:
 
 
 class _Answer:
-    """The answer to one (sender, id): filled by one handler task, read by any number."""
+    """The answer to one (sender, id): filled by one handler task, read by any number.
 
-    __slots__ = ("changed", "content", "done", "expires", "replies", "size")
+    Readers either iterate :meth:`follow` (the unary RPCs) or register a
+    callback with :meth:`watch` (stream sessions), which runs synchronously on
+    every change: a session queues each reply the moment the handler gives
+    it, with no task of its own in between.
+    """
+
+    __slots__ = ("_changed", "_watchers", "content", "done", "expires", "replies", "size")
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
@@ -199,7 +206,9 @@ class _Answer:
         self.size = 0
         # What was asked (None for answers restored from a store).
         self.content: int | None = None
-        self.changed = asyncio.Event()
+        # Made only while someone follows or watches.
+        self._changed: asyncio.Event | None = None
+        self._watchers: list[Callable[[], None]] | None = None
 
     def add(self, reply: Reply) -> None:
         self.replies.append(reply)
@@ -209,21 +218,38 @@ class _Answer:
         self.done = True
         self._wake()
 
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every change (it must not raise)."""
+        if self._watchers is None:
+            self._watchers = []
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        watchers = self._watchers
+        if watchers is not None and callback in watchers:
+            watchers.remove(callback)
+
     def _wake(self) -> None:
         # A fresh Event per change: readers wait on the one they saw, so none
         # misses a change and none needs clearing.
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+        if self._watchers:
+            for callback in tuple(self._watchers):
+                callback()
 
     async def follow(self) -> AsyncIterator[Reply]:
         index = 0
         while True:
-            changed = self.changed
             while index < len(self.replies):
                 yield self.replies[index]
                 index += 1
             if self.done:
                 return
+            changed = self._changed
+            if changed is None:
+                changed = self._changed = asyncio.Event()
             await changed.wait()
 
 
@@ -396,64 +422,29 @@ class Dispatcher:
             self.verifier.admit(envelope.sender)
         return self.guard.check_and_mark(envelope)
 
-    async def dispatch(
+    def begin(
         self,
         envelope: Envelope,
         session: SessionHooks | None = None,
         *,
         unary: bool = False,
         authenticated: bool = False,
-        sign: bool = True,
-    ) -> AsyncIterator[Reply]:
-        """Run the whole pipeline on one envelope and yield its replies.
+    ) -> _Answer | Reply:
+        """Run every step before the handler, start it if need be, return its answer.
 
-        Args:
-            envelope: The decoded inbound envelope.
-            session: The stream it came on, if any (a hello binds it).
-            unary: The caller can carry one reply only: refuse a streaming
-                kind (STREAMING_KIND), but only after the envelope passed
-                every check, so that unauthenticated callers learn nothing.
-            authenticated: The caller already verified this very envelope's
-                signature (a stream verifies a frame's envelopes in one batch).
-            sign: Sign each reply. A stream leaves them unsigned: its writer
-                signs what one frame carries in one batch signature.
+        Synchronous: a stream session calls it for each envelope as it
+        arrives, and follows the answer with :meth:`_Answer.watch`; replies
+        are to be passed through :meth:`restate` before they are sent.
+
+        Returns:
+            The answer entry to follow, or, for a hello, its one (unsigned) reply.
 
         Raises:
             SigwireError: A rejection before the handler (see :meth:`admit`).
         """
         fresh = self.admit(envelope, authenticated=authenticated)
         if envelope.kind == HELLO_KIND:
-            if session is None:
-                raise KindUnknownError(
-                    f"{HELLO_KIND} opens a Connect stream; it is not a request",
-                    details={"kind": HELLO_KIND},
-                )
-            if envelope.recipient != self.identity.did:
-                # Without our DID in it, a hello given to another agent could be
-                # relayed here to bind this stream to its sender (and take its pushes).
-                raise MisdirectedError(
-                    "a hello must name this agent's DID as its recipient",
-                    details={"recipient": envelope.recipient},
-                )
-            if not fresh:
-                # A replayed hello would bind this stream to someone else's DID
-                # and route their pushes here.
-                raise ReplayError("a hello is valid once")
-            if self.buckets is not None:
-                self.buckets.take(envelope.sender)
-            session.bind(
-                envelope.sender,
-                batch_signatures=envelope.metadata.get(BATCH_SIGNATURES_KEY) == "1",
-                acked=envelope.metadata.get(ACKED_KEY) == "1",
-            )
-            # The hello reply tells the peer our size limit, before it sends
-            # anything, and (in its content type) what we understand.
-            hello_reply = dataclasses.replace(
-                self.reply(envelope, str(self.limits.max_message_size)),
-                content_type=HELLO_CONTENT_TYPE,
-            )
-            yield self.identity.sign_reply(hello_reply) if sign else hello_reply
-            return
+            return self._hello(envelope, session, fresh)
         key = (envelope.sender, envelope.id)
         entry = self.cache.get(key)
         if entry is not None and entry.content not in (None, _content(envelope)):
@@ -497,22 +488,86 @@ class Dispatcher:
                 if fresh:
                     self.guard.release(envelope)  # the identical retry may come later
                 raise
+        return entry
+
+    def _hello(self, envelope: Envelope, session: SessionHooks | None, fresh: bool) -> Reply:
+        if session is None:
+            raise KindUnknownError(
+                f"{HELLO_KIND} opens a Connect stream; it is not a request",
+                details={"kind": HELLO_KIND},
+            )
+        if envelope.recipient != self.identity.did:
+            # Without our DID in it, a hello given to another agent could be
+            # relayed here to bind this stream to its sender (and take its pushes).
+            raise MisdirectedError(
+                "a hello must name this agent's DID as its recipient",
+                details={"recipient": envelope.recipient},
+            )
+        if not fresh:
+            # A replayed hello would bind this stream to someone else's DID
+            # and route their pushes here.
+            raise ReplayError("a hello is valid once")
+        if self.buckets is not None:
+            self.buckets.take(envelope.sender)
+        session.bind(
+            envelope.sender,
+            batch_signatures=envelope.metadata.get(BATCH_SIGNATURES_KEY) == "1",
+            acked=envelope.metadata.get(ACKED_KEY) == "1",
+        )
+        # The hello reply tells the peer our size limit, before it sends
+        # anything, and (in its content type) what we understand.
+        return dataclasses.replace(
+            self.reply(envelope, str(self.limits.max_message_size)),
+            content_type=HELLO_CONTENT_TYPE,
+        )
+
+    def restate(self, reply: Reply, digest: bytes) -> Reply:
+        """A cached reply as the answer to the request whose digest is ``digest``."""
+        if reply.responder != self.identity.did:
+            # Answered under a key this agent no longer has (same store, new
+            # key): the answer stands, signed again by the current key.
+            reply = dataclasses.replace(reply, responder=self.identity.did, signature=None)
+        if reply.request_digest != digest:
+            # A re-signed retry (same id, new nonce or timestamp): the cached
+            # answer is re-bound to the request that asked for it this time.
+            reply = dataclasses.replace(reply, request_digest=digest, signature=None)
+        return reply
+
+    async def dispatch(
+        self,
+        envelope: Envelope,
+        session: SessionHooks | None = None,
+        *,
+        unary: bool = False,
+        authenticated: bool = False,
+        sign: bool = True,
+    ) -> AsyncIterator[Reply]:
+        """Run the whole pipeline on one envelope and yield its replies.
+
+        Args:
+            envelope: The decoded inbound envelope.
+            session: The stream it came on, if any (a hello binds it).
+            unary: The caller can carry one reply only: refuse a streaming
+                kind (STREAMING_KIND), but only after the envelope passed
+                every check, so that unauthenticated callers learn nothing.
+            authenticated: The caller already verified this very envelope's
+                signature (a stream verifies a frame's envelopes in one batch).
+            sign: Sign each reply (else the caller signs them).
+
+        Raises:
+            SigwireError: A rejection before the handler (see :meth:`admit`).
+        """
+        started = self.begin(envelope, session, unary=unary, authenticated=authenticated)
+        if isinstance(started, Reply):
+            yield self.identity.sign_reply(started) if sign else started
+            return
         digest = envelope.digest()
-        me = self.identity.did
-        async for reply in entry.follow():
-            if reply.responder != me:
-                # Answered under a key this agent no longer has (same store, new
-                # key): the answer stands, signed again by the current key.
-                reply = dataclasses.replace(reply, responder=me, signature=None)
-            if reply.request_digest != digest:
-                # A re-signed retry (same id, new nonce or timestamp): the cached
-                # answer is re-bound to the request that asked for it this time.
-                reply = dataclasses.replace(reply, request_digest=digest, signature=None)
+        async for reply in started.follow():
+            reply = self.restate(reply, digest)
             if sign and reply.signature is None:
                 reply = self.identity.sign_reply(reply)
             yield reply
-        if not entry.replies or not entry.replies[-1].final:
-            # It had started: not SHUTTING_DOWN, which clients re-send on their own.
+        if not finished(started):
             raise HandlerCancelledError("the handler was cancelled before it answered")
 
     async def _produce(
@@ -589,6 +644,11 @@ class Dispatcher:
     def running(self) -> tuple[asyncio.Task[None], ...]:
         """Tasks currently inside a handler."""
         return tuple(self._running)
+
+
+def finished(answer: _Answer) -> bool:
+    """Whether a done answer ended with its final reply (else it was cancelled)."""
+    return bool(answer.replies) and answer.replies[-1].final
 
 
 def _first_resend(session: SessionHooks | None, request_id: str) -> bool:

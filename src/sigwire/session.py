@@ -26,20 +26,24 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from sigwire import _proto
 from sigwire._proto import pb
-from sigwire.dispatch import Dispatcher
+from sigwire.dispatch import Dispatcher, finished
 from sigwire.envelope import Envelope, Reply, Signature
 from sigwire.errors import (
     ConnectionClosedError,
     EnvelopeError,
+    HandlerCancelledError,
     OverloadedError,
     ShuttingDownError,
     SigwireError,
 )
 from sigwire.signing import Verifier
+
+if TYPE_CHECKING:
+    from sigwire.dispatch import _Answer
 from sigwire.transports.base import FrameStream
 
 __all__ = ["GoAwayInfo", "Session", "SessionOptions", "max_frame_size"]
@@ -130,6 +134,13 @@ class _Credit:
             raise self.closed
         self.available -= 1
 
+    def try_acquire(self) -> bool:
+        """Take one unit if one is free and the window is open, without waiting."""
+        if self.available <= 0 or self.closed is not None:
+            return False
+        self.available -= 1
+        return True
+
     def release(self, count: int) -> None:
         self.available += count
         self._wake()
@@ -185,6 +196,34 @@ class _Outbox:
         return self.get_nowait()
 
 
+class _Answering:
+    """One inbound envelope being answered on a session: follows its answer entry.
+
+    Called synchronously whenever the handler adds a reply (no task in
+    between), it queues each reply for the writer while the session has
+    room for replies; when it has none, the session calls it again once the
+    writer has made room.
+    """
+
+    __slots__ = ("digest", "entry", "envelope", "index", "session")
+
+    def __init__(self, session: Session, envelope: Envelope, entry: _Answer) -> None:
+        self.session = session
+        self.envelope = envelope
+        self.entry = entry
+        self.digest = envelope.digest()
+        self.index = 0
+
+    def __call__(self) -> None:
+        # Runs inside the handler's task (and the dispatcher's bookkeeping):
+        # nothing may escape from here.
+        try:
+            self.session._follow(self)
+        except Exception:
+            log.exception("%s: failed to answer envelope %r", self.session.name, self.envelope.id)
+            self.session._begin_close(ConnectionClosedError(f"{self.session.name}: internal error"))
+
+
 _M = TypeVar("_M", Envelope, Reply)
 _CLOSE: Final = object()
 _ACK: Final = object()
@@ -225,6 +264,7 @@ class Session:
         "_ack_queued",
         "_ack_timer",
         "_acked",
+        "_answering",
         "_backlog",
         "_beat",
         "_bound_event",
@@ -243,11 +283,13 @@ class Session:
         "_ping_token",
         "_pong_queued",
         "_pong_token",
+        "_pumping",
         "_queue",
         "_received",
         "_reply_room",
         "_sent",
         "_serving",
+        "_stalled",
         "_tasks",
         "_unacked",
         "_unstarted",
@@ -312,6 +354,11 @@ class Session:
         self._backlog: list[tuple[Envelope, list[int], bool]] = []
         self._unstarted: list[list[int]] = []
         self._serving = 0
+        self._pumping = False
+        # Envelopes being answered, and those waiting for room for replies
+        # (made on first use).
+        self._answering: set[_Answering] | None = None
+        self._stalled: list[_Answering] | None = None
         self._sent = 0
         # (frame sequence, envelopes in it) of frames the peer has not acked.
         self._unacked: list[tuple[int, int]] = []
@@ -431,6 +478,9 @@ class Session:
                 for timer in (self._beat, self._ack_timer):
                     if timer is not None:
                         timer.cancel()
+                for answering in self._answering or ():
+                    answering.entry.unwatch(answering)
+                self._answering = self._stalled = None
                 for task in (reader, writer, *self._tasks):
                     task.cancel()
                 await asyncio.gather(reader, writer, *self._tasks, return_exceptions=True)
@@ -566,16 +616,27 @@ class Session:
             self._credit.release(released)
 
     def _pump(self) -> None:
-        room = self.options.window - self._serving
-        starting = self._backlog[:room] if room > 0 else []
-        if starting:
-            del self._backlog[: len(starting)]
-        for envelope, entry, authenticated in starting:
-            entry[1] -= 1
-            self._serving += 1
-            task = asyncio.create_task(self._serve(envelope, authenticated))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # Start what the window allows. Starting is synchronous (every check
+        # before the handler runs here), and an envelope may be answered at
+        # once (a refusal, a cached answer) and free its slot: the loop, not
+        # a nested call, then starts the next one.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            backlog = self._backlog
+            while backlog and not self._closing:
+                room = self.options.window - self._serving
+                if room <= 0:
+                    break
+                starting = backlog[:room]
+                del backlog[: len(starting)]
+                for envelope, entry, authenticated in starting:
+                    entry[1] -= 1
+                    self._serving += 1
+                    self._start(envelope, authenticated)
+        finally:
+            self._pumping = False
         self._advance_ack()
 
     def _advance_ack(self) -> None:
@@ -605,29 +666,83 @@ class Session:
             self._ack_queued = True
             self._queue.put_nowait(_ACK)
 
-    async def _serve(self, envelope: Envelope, authenticated: bool) -> None:
+    def _start(self, envelope: Envelope, authenticated: bool) -> None:
+        dispatcher = self.dispatcher
         try:
-            try:
-                async for reply in self.dispatcher.dispatch(
-                    envelope, self, authenticated=authenticated, sign=False
-                ):
-                    await self.send_reply(reply)
-            except ConnectionClosedError as exc:
-                if self._closing or not isinstance(exc, ShuttingDownError):
-                    return
-                # Refused while draining, or cancelled after the grace period:
-                # the peer must hear it, not wait for a reply that never comes.
-                await self.send_reply(self.dispatcher.error_reply(envelope, exc))
-            except SigwireError as exc:
-                await self.send_reply(self.dispatcher.error_reply(envelope, exc))
+            started = dispatcher.begin(envelope, self, authenticated=authenticated)
+        except ShuttingDownError as exc:
+            # Refused while draining: the peer must hear it, not wait for a
+            # reply that never comes.
+            self._put_reply(dispatcher.error_reply(envelope, exc))
+            self._served()
+            return
         except ConnectionClosedError:
-            pass
+            self._served()
+            return
+        except SigwireError as exc:
+            self._put_reply(dispatcher.error_reply(envelope, exc))
+            self._served()
+            return
         except Exception:
             log.exception("%s: failed to answer envelope %r", self.name, envelope.id)
-        finally:
-            self._serving -= 1
-            if not self._closing:
-                self._pump()
+            self._served()
+            return
+        if isinstance(started, Reply):
+            self._put_reply(started)  # a hello's
+            self._served()
+            return
+        answering = _Answering(self, envelope, started)
+        if self._answering is None:
+            self._answering = set()
+        self._answering.add(answering)
+        started.watch(answering)
+        self._follow(answering)
+
+    def _follow(self, answering: _Answering) -> None:
+        # Queue the replies the answer has gained since last time, while there
+        # is room (the writer calls again once it has made some).
+        entry = answering.entry
+        replies = entry.replies
+        while answering.index < len(replies):
+            if self._closing:
+                return
+            if not self._reply_room.try_acquire():
+                if self._stalled is None:
+                    self._stalled = []
+                if answering not in self._stalled:
+                    self._stalled.append(answering)
+                return
+            reply = self.dispatcher.restate(replies[answering.index], answering.digest)
+            answering.index += 1
+            self._queue.put_nowait(reply)
+        if not entry.done:
+            return
+        entry.unwatch(answering)
+        if self._answering is not None:
+            self._answering.discard(answering)
+        if not finished(entry) and not self._closing:
+            # It had started: not SHUTTING_DOWN's refusal, which clients re-send
+            # on their own, but the peer must still hear that it ended.
+            error = HandlerCancelledError("the handler was cancelled before it answered")
+            self._put_reply(self.dispatcher.error_reply(answering.envelope, error))
+        self._served()
+
+    def _put_reply(self, reply: Reply) -> None:
+        # A reply made here (a refusal, a hello's): one per envelope, so it may
+        # exceed the reply room by at most the window.
+        if not self._closing:
+            self._reply_room.available -= 1
+            self._queue.put_nowait(reply)
+
+    def _served(self) -> None:
+        self._serving -= 1
+        if not self._closing:
+            self._pump()
+
+    def _resume_stalled(self) -> None:
+        stalled = self._stalled
+        while stalled and self._reply_room.available > 0 and not self._closing:
+            self._follow(stalled.pop(0))
 
     async def _writer(self) -> None:
         queue = self._queue
@@ -658,50 +773,33 @@ class Session:
         envelopes: list[Envelope] = []
         replies: list[Reply] = []
         stop = False
-
-        def close_messages() -> None:
-            if envelopes:
-                self._sent += len(envelopes)
-                signed = self._sign(envelopes)
-                if self._on_signed is not None:
-                    for before, after in zip(envelopes, signed, strict=True):
-                        if before is not after:
-                            self._on_signed(before, after)
-                batch = pb.EnvelopeBatch(envelopes=[_proto.envelope_to_pb(e) for e in signed])
-                frames.append(pb.Frame(sequence=self._sent, envelopes=batch))
-                # Envelopes hold window credit until the peer acks this frame.
-                self._unacked.append((self._sent, len(envelopes)))
-                envelopes.clear()
-            if replies:
-                self._reply_room.release(len(replies))
-                self._sent += len(replies)
-                answers = pb.ReplyBatch(
-                    replies=[_proto.reply_to_pb(r) for r in self._sign(replies)]
-                )
-                frames.append(pb.Frame(sequence=self._sent, replies=answers))
-                replies.clear()
-
         for item in batch:
             if isinstance(item, Envelope):
                 if replies:
-                    close_messages()
+                    self._close_replies(replies, frames)
                 envelopes.append(item)
             elif isinstance(item, Reply):
                 if envelopes:
-                    close_messages()
+                    self._close_envelopes(envelopes, frames)
                 replies.append(item)
             elif item is _ACK:
                 continue
-            elif item is _PONG:
-                self._pong_queued = False
-                close_messages()
-                frames.append(pb.Frame(pong=pb.Pong(token=self._pong_token)))
-            elif item is _CLOSE:
-                stop = True
-            elif isinstance(item, pb.Frame):
-                close_messages()
-                frames.append(item)
-        close_messages()
+            else:
+                if envelopes:
+                    self._close_envelopes(envelopes, frames)
+                if replies:
+                    self._close_replies(replies, frames)
+                if item is _PONG:
+                    self._pong_queued = False
+                    frames.append(pb.Frame(pong=pb.Pong(token=self._pong_token)))
+                elif item is _CLOSE:
+                    stop = True
+                elif isinstance(item, pb.Frame):
+                    frames.append(item)
+        if envelopes:
+            self._close_envelopes(envelopes, frames)
+        if replies:
+            self._close_replies(replies, frames)
         # The pending ack (cumulative, so one suffices) rides on the last frame
         # written anyway, for a peer that reads Frame.acked; otherwise, or when
         # nothing else is written, it takes a frame of its own.
@@ -717,12 +815,48 @@ class Session:
             await send(frame.SerializeToString())
         return stop
 
+    def _close_envelopes(self, envelopes: list[Envelope], frames: list[pb.Frame]) -> None:
+        count = len(envelopes)
+        self._sent += count
+        signed = self._sign(envelopes)
+        on_signed = self._on_signed
+        if on_signed is not None:
+            for before, after in zip(envelopes, signed, strict=True):
+                if before is not after:
+                    on_signed(before, after)
+        to_pb = _proto.envelope_to_pb
+        batch = pb.EnvelopeBatch(envelopes=[to_pb(e) for e in signed])
+        frames.append(pb.Frame(sequence=self._sent, envelopes=batch))
+        # Envelopes hold window credit until the peer acks this frame.
+        self._unacked.append((self._sent, count))
+        envelopes.clear()
+
+    def _close_replies(self, replies: list[Reply], frames: list[pb.Frame]) -> None:
+        count = len(replies)
+        self._reply_room.release(count)
+        if self._stalled:
+            self._resume_stalled()
+        self._sent += count
+        to_pb = _proto.reply_to_pb
+        answers = pb.ReplyBatch(replies=[to_pb(r) for r in self._sign(replies)])
+        frames.append(pb.Frame(sequence=self._sent, replies=answers))
+        replies.clear()
+
     def _sign(self, messages: list[_M]) -> list[_M]:
         # Sign what was queued unsigned (our own requests and answers): in one
         # batch signature when the peer accepts them, else one by one. An
         # answer signed before (a re-send from the reply cache) keeps its
         # signature and costs none.
         identity = self._identity
+        if len(messages) == 1 and messages[0].signature is None:
+            # The common case when idle: one message, signed alone.
+            only = messages[0]
+            if isinstance(only, Envelope):
+                if only.sender == identity.did:
+                    return [identity.sign_envelope(only)]
+            elif only.responder == identity.did:
+                again = only._signed or (only._batch_signed if self.batch_signatures else None)
+                return [again if again is not None else identity.sign_reply(only)]
         did = identity.did
         out = list(messages)
         todo = []
