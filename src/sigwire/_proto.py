@@ -45,25 +45,35 @@ __all__ = [
 ]
 
 
+# Per-message conversions are on every request's path: they pass only the
+# fields that are set (upb charges for each keyword, empty or not) and build
+# sigwire values positionally.
+
+
 def _signature_from_pb(msg: pb.Signature) -> Signature:
     if not msg.HasField("batch"):
-        return Signature(signer=msg.signer, algorithm=msg.algorithm, value=msg.value)
+        return Signature(msg.signer, msg.algorithm, msg.value)
     batch = msg.batch
     if len(batch.path) > MAX_PATH_LENGTH:
         raise EnvelopeError(f"a batch proof has at most {MAX_PATH_LENGTH} hashes")
     proof = BatchProof(index=batch.index, size=batch.size, path=tuple(batch.path))
-    return Signature(signer=msg.signer, algorithm=msg.algorithm, value=msg.value, batch=proof)
+    return Signature(msg.signer, msg.algorithm, msg.value, proof)
+
+
+def _signature_to_pb(signature: Signature) -> pb.Signature:
+    msg = pb.Signature(
+        signer=signature.signer, algorithm=signature.algorithm, value=signature.value
+    )
+    proof = signature.batch
+    if proof is not None:
+        msg.batch.index = proof.index
+        msg.batch.size = proof.size
+        msg.batch.path.extend(proof.path)
+    return msg
 
 
 def _set_signature(target: pb.Signature, signature: Signature) -> None:
-    target.signer = signature.signer
-    target.algorithm = signature.algorithm
-    target.value = signature.value
-    proof = signature.batch
-    if proof is not None:
-        target.batch.index = proof.index
-        target.batch.size = proof.size
-        target.batch.path.extend(proof.path)
+    target.CopyFrom(_signature_to_pb(signature))
 
 
 def envelope_to_pb(envelope: Envelope) -> pb.Envelope:
@@ -72,18 +82,24 @@ def envelope_to_pb(envelope: Envelope) -> pb.Envelope:
         id=envelope.id,
         kind=envelope.kind,
         sender=envelope.sender,
-        recipient=envelope.recipient,
-        context_id=envelope.context_id,
-        task_id=envelope.task_id,
-        role=envelope.role,
         payload=envelope.payload,
-        content_type=envelope.content_type,
-        metadata=envelope.metadata,
         created_at_ms=envelope.created_at_ms,
         nonce=envelope.nonce,
     )
+    if envelope.recipient:
+        msg.recipient = envelope.recipient
+    if envelope.context_id:
+        msg.context_id = envelope.context_id
+    if envelope.task_id:
+        msg.task_id = envelope.task_id
+    if envelope.role:
+        msg.role = envelope.role
+    if envelope.content_type:
+        msg.content_type = envelope.content_type
+    if envelope.metadata:
+        msg.metadata.update(envelope.metadata)
     if envelope.signature is not None:
-        _set_signature(msg.signature, envelope.signature)
+        msg.signature.CopyFrom(_signature_to_pb(envelope.signature))
     return msg
 
 
@@ -94,22 +110,27 @@ def envelope_from_pb(msg: pb.Envelope) -> Envelope:
         EnvelopeError: More metadata entries than any valid envelope has
             (checked before building them, which is the expensive part).
     """
-    if len(msg.metadata) > MAX_METADATA_ENTRIES:
-        raise EnvelopeError(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+    metadata = msg.metadata
+    if metadata:
+        if len(metadata) > MAX_METADATA_ENTRIES:
+            raise EnvelopeError(f"metadata has more than {MAX_METADATA_ENTRIES} entries")
+        entries = dict(metadata)
+    else:
+        entries = {}
     return Envelope(
-        id=msg.id,
-        kind=msg.kind,
-        sender=msg.sender,
-        payload=msg.payload,
-        recipient=msg.recipient,
-        context_id=msg.context_id,
-        task_id=msg.task_id,
-        role=msg.role,
-        content_type=msg.content_type,
-        metadata=dict(msg.metadata),
-        created_at_ms=msg.created_at_ms,
-        nonce=msg.nonce,
-        signature=_signature_from_pb(msg.signature) if msg.HasField("signature") else None,
+        msg.id,
+        msg.kind,
+        msg.sender,
+        msg.payload,
+        msg.recipient,
+        msg.context_id,
+        msg.task_id,
+        msg.role,
+        msg.content_type,
+        entries,
+        msg.created_at_ms,
+        msg.nonce,
+        _signature_from_pb(msg.signature) if msg.HasField("signature") else None,
     )
 
 
@@ -119,19 +140,21 @@ def reply_to_pb(reply: Reply) -> pb.Reply:
         request_id=reply.request_id,
         success=reply.success,
         data=reply.data,
-        content_type=reply.content_type,
         responder=reply.responder,
         created_at_ms=reply.created_at_ms,
-        sequence=reply.sequence,
         final=reply.final,
         request_digest=reply.request_digest,
     )
+    if reply.content_type:
+        msg.content_type = reply.content_type
+    if reply.sequence:
+        msg.sequence = reply.sequence
     if reply.error is not None:
         msg.error.reason = reply.error.reason
         msg.error.message = reply.error.message
         msg.error.details.update(reply.error.details)
     if reply.signature is not None:
-        _set_signature(msg.signature, reply.signature)
+        msg.signature.CopyFrom(_signature_to_pb(reply.signature))
     return msg
 
 
@@ -143,17 +166,17 @@ def reply_from_pb(msg: pb.Reply) -> Reply:
             reason=msg.error.reason, message=msg.error.message, details=dict(msg.error.details)
         )
     return Reply(
-        request_id=msg.request_id,
-        request_digest=msg.request_digest,
-        responder=msg.responder,
-        success=msg.success,
-        data=msg.data,
-        content_type=msg.content_type,
-        error=error,
-        created_at_ms=msg.created_at_ms,
-        sequence=msg.sequence,
-        final=msg.final,
-        signature=_signature_from_pb(msg.signature) if msg.HasField("signature") else None,
+        msg.request_id,
+        msg.request_digest,
+        msg.responder,
+        msg.success,
+        msg.data,
+        msg.content_type,
+        error,
+        msg.created_at_ms,
+        msg.sequence,
+        msg.final,
+        _signature_from_pb(msg.signature) if msg.HasField("signature") else None,
     )
 
 

@@ -22,7 +22,6 @@ import hashlib
 import os
 import struct
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Self
 
@@ -96,6 +95,32 @@ def _list(parts: list[bytes], items: Iterable[str]) -> None:
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest() if data else _EMPTY_SHA256
+
+
+def _strs(parts: list[bytes], texts: Iterable[str]) -> None:
+    # _str over several fields, the hot path of every signing input: an empty
+    # field (most optional ones) costs one constant append.
+    pack = _U32.pack
+    append = parts.append
+    for text in texts:
+        if text:
+            raw = text.encode()
+            append(pack(len(raw)))
+            append(raw)
+        else:
+            append(_EMPTY)
+
+
+def _new_id(raw: bytes) -> str:
+    # An RFC 4122 version 4 UUID from 16 random bytes, as str(uuid.uuid4())
+    # gives, without building a UUID object.
+    h = raw.hex()
+    variant = "89ab"[raw[8] >> 6]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+
+
+_EMPTY = _U32.pack(0)
+_SHA256_LENGTH = _U32.pack(32)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,8 +212,9 @@ class Envelope:
         id: str | None = None,
     ) -> Self:
         """Create an unsigned envelope with a fresh id, nonce and timestamp."""
+        random = os.urandom(16 + MIN_NONCE_LENGTH)
         return cls(
-            id=id or str(uuid.uuid4()),
+            id=id or _new_id(random[:16]),
             kind=kind,
             sender=sender,
             payload=payload,
@@ -199,7 +225,7 @@ class Envelope:
             content_type=content_type,
             metadata=dict(metadata or {}),
             created_at_ms=now_ms(),
-            nonce=os.urandom(MIN_NONCE_LENGTH),
+            nonce=random[16:],
         )
 
     def signing_input(self, *, signer: str | None = None, algorithm: str = ED25519) -> bytes:
@@ -217,25 +243,28 @@ class Envelope:
             if self._signed_input is not None:
                 return self._signed_input
             signer, algorithm = self.signature.signer, self.signature.algorithm
-        parts: list[bytes] = []
-        _str(parts, ENVELOPE_DOMAIN)
-        for text in (
-            self.id,
-            self.kind,
-            self.sender,
-            self.recipient,
-            self.context_id,
-            self.task_id,
-            self.role,
-            self.content_type,
-        ):
-            _str(parts, text)
-        _bytes(parts, _sha256(self.payload))
-        _map(parts, self.metadata)
+        parts: list[bytes] = [_ENVELOPE_PREFIX]
+        _strs(
+            parts,
+            (
+                self.id,
+                self.kind,
+                self.sender,
+                self.recipient,
+                self.context_id,
+                self.task_id,
+                self.role,
+                self.content_type,
+            ),
+        )
+        parts += (_SHA256_LENGTH, _sha256(self.payload))
+        if self.metadata:
+            _map(parts, self.metadata)
+        else:
+            parts.append(_EMPTY)
         parts.append(_I64.pack(self.created_at_ms))
         _bytes(parts, self.nonce)
-        _str(parts, algorithm)
-        _str(parts, self.sender if signer is None else signer)
+        _strs(parts, (algorithm, self.sender if signer is None else signer))
         data = b"".join(parts)
         if self.signature is not None:
             object.__setattr__(self, "_signed_input", data)
@@ -398,27 +427,30 @@ class Reply:
         """Bytes covered by the signature, bound to the request (``docs/signing.md``)."""
         if self.signature is not None:
             signer, algorithm = self.signature.signer, self.signature.algorithm
-        error = self.error or _NO_ERROR
-        parts: list[bytes] = []
-        _str(parts, REPLY_DOMAIN)
-        _str(parts, self.request_id)
+        error = self.error
+        parts: list[bytes] = [_REPLY_PREFIX]
+        _strs(parts, (self.request_id,))
         _bytes(parts, self.request_digest)
-        _str(parts, self.responder)
+        _strs(parts, (self.responder,))
         parts.append(b"\x01" if self.success else b"\x00")
-        _str(parts, self.content_type)
-        _bytes(parts, _sha256(self.data))
-        _str(parts, error.reason)
-        _str(parts, error.message)
-        _map(parts, error.details)
-        parts.append(_I64.pack(self.created_at_ms))
-        parts.append(_U64.pack(self.sequence))
-        parts.append(b"\x01" if self.final else b"\x00")
-        _str(parts, algorithm)
-        _str(parts, self.responder if signer is None else signer)
+        _strs(parts, (self.content_type,))
+        parts += (_SHA256_LENGTH, _sha256(self.data))
+        if error is None:
+            parts += (_EMPTY, _EMPTY, _EMPTY)  # reason, message, details: all empty
+        else:
+            _strs(parts, (error.reason, error.message))
+            _map(parts, error.details)
+        parts += (
+            _I64.pack(self.created_at_ms),
+            _U64.pack(self.sequence),
+            b"\x01" if self.final else b"\x00",
+        )
+        _strs(parts, (algorithm, self.responder if signer is None else signer))
         return b"".join(parts)
 
 
-_NO_ERROR = ReplyError(reason="")
+_ENVELOPE_PREFIX = _U32.pack(len(ENVELOPE_DOMAIN)) + ENVELOPE_DOMAIN.encode()
+_REPLY_PREFIX = _U32.pack(len(REPLY_DOMAIN)) + REPLY_DOMAIN.encode()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
