@@ -8,9 +8,11 @@ transports sees only sigwire values.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf import json_format
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import DecodeError
 
 from sigwire.batch import MAX_PATH_LENGTH, BatchProof
@@ -27,6 +29,8 @@ from sigwire_pb.v1 import messages_pb2 as pb
 from sigwire_pb.v1 import transport_pb2 as transport_pb
 
 __all__ = [
+    "add_envelope",
+    "add_reply",
     "card_from_json",
     "card_from_pb",
     "card_to_json",
@@ -78,14 +82,44 @@ def _set_signature(target: pb.Signature, signature: Signature) -> None:
 
 def envelope_to_pb(envelope: Envelope) -> pb.Envelope:
     """The protobuf form of ``envelope``."""
-    msg = pb.Envelope(
-        id=envelope.id,
-        kind=envelope.kind,
-        sender=envelope.sender,
-        payload=envelope.payload,
-        created_at_ms=envelope.created_at_ms,
-        nonce=envelope.nonce,
-    )
+    return _build_envelope(pb.Envelope, envelope)
+
+
+def add_envelope(
+    container: RepeatedCompositeFieldContainer[pb.Envelope], envelope: Envelope
+) -> None:
+    """Append ``envelope`` to a repeated Envelope field, built in place.
+
+    (Passing a built message to a constructor or ``append`` copies it.)
+    """
+    _build_envelope(container.add, envelope)
+
+
+def _build_envelope(make: Callable[..., pb.Envelope], envelope: Envelope) -> pb.Envelope:
+    signature = envelope.signature
+    if signature is not None and signature.batch is None:
+        msg = make(
+            id=envelope.id,
+            kind=envelope.kind,
+            sender=envelope.sender,
+            payload=envelope.payload,
+            created_at_ms=envelope.created_at_ms,
+            nonce=envelope.nonce,
+            signature=pb.Signature(
+                signer=signature.signer, algorithm=signature.algorithm, value=signature.value
+            ),
+        )
+    else:
+        msg = make(
+            id=envelope.id,
+            kind=envelope.kind,
+            sender=envelope.sender,
+            payload=envelope.payload,
+            created_at_ms=envelope.created_at_ms,
+            nonce=envelope.nonce,
+        )
+        if signature is not None:
+            msg.signature.CopyFrom(_signature_to_pb(signature))
     if envelope.recipient:
         msg.recipient = envelope.recipient
     if envelope.context_id:
@@ -98,8 +132,6 @@ def envelope_to_pb(envelope: Envelope) -> pb.Envelope:
         msg.content_type = envelope.content_type
     if envelope.metadata:
         msg.metadata.update(envelope.metadata)
-    if envelope.signature is not None:
-        msg.signature.CopyFrom(_signature_to_pb(envelope.signature))
     return msg
 
 
@@ -136,7 +168,16 @@ def envelope_from_pb(msg: pb.Envelope) -> Envelope:
 
 def reply_to_pb(reply: Reply) -> pb.Reply:
     """The protobuf form of ``reply``."""
-    msg = pb.Reply(
+    return _build_reply(pb.Reply, reply)
+
+
+def add_reply(container: RepeatedCompositeFieldContainer[pb.Reply], reply: Reply) -> None:
+    """Append ``reply`` to a repeated Reply field, built in place."""
+    _build_reply(container.add, reply)
+
+
+def _build_reply(make: Callable[..., pb.Reply], reply: Reply) -> pb.Reply:
+    msg = make(
         request_id=reply.request_id,
         success=reply.success,
         data=reply.data,

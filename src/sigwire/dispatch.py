@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import inspect
 import logging
 import time
+import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from typing import Any, Protocol, TypeAlias
 
 from sigwire import _proto
 from sigwire.envelope import Envelope, Message, Reply, ReplyError, now_ms
@@ -53,6 +55,7 @@ __all__ = [
     "SessionHooks",
     "TokenBuckets",
     "finished",
+    "start_eagerly",
 ]
 
 log = logging.getLogger("sigwire.server")
@@ -472,10 +475,13 @@ class Dispatcher:
             entry.content = _content(envelope)
             # The handler runs in its own task, not the caller's: if the
             # connection drops mid-way, it still finishes and its answer is
-            # cached for the re-sent envelope.
-            task = asyncio.create_task(self._produce(key, entry, envelope, handler, streams))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            # cached for the re-sent envelope. It starts at once (eagerly, as
+            # Python 3.12's eager tasks would): one that answers without
+            # waiting has answered before this returns, and needs no task.
+            task = start_eagerly(self._produce(key, entry, envelope, handler, streams))
+            if task is not None:
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
         elif self.buckets is not None and (fresh or not _first_resend(session, envelope.id)):
             # A re-send answered from the cache runs no handler, yet it costs
             # the agent every cached reply again (and a re-signed retry, a
@@ -644,6 +650,51 @@ class Dispatcher:
     def running(self) -> tuple[asyncio.Task[None], ...]:
         """Tasks currently inside a handler."""
         return tuple(self._running)
+
+
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``coro`` now until it first waits; a task runs the rest.
+
+    Returns:
+        The task that finishes ``coro``, or None if it already finished.
+
+    Like a new task, it runs in a copy of the current context; unlike one, it
+    costs no loop iteration before it starts, and nothing when it never waits.
+    """
+    context = contextvars.copy_context()
+    try:
+        waiting = context.run(coro.send, None)
+    except StopIteration:
+        return None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        # Where a task would have kept it (a handler cancelling itself, say).
+        return asyncio.get_running_loop().create_task(_raise(exc), context=context)
+    return asyncio.get_running_loop().create_task(_resume(coro, waiting), context=context)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
+    # Hands the task what ``coro`` waits on, and the outcome back to ``coro``
+    # (a cancellation included), until it returns.
+    while True:
+        try:
+            value = yield waiting
+        except BaseException as exc:
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting = coro.send(value)
+            except StopIteration:
+                return
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def finished(answer: _Answer) -> bool:

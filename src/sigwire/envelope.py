@@ -18,6 +18,7 @@ Encoding primitives, all big-endian:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import struct
@@ -109,6 +110,16 @@ def _strs(parts: list[bytes], texts: Iterable[str]) -> None:
             append(raw)
         else:
             append(_EMPTY)
+
+
+@functools.lru_cache(maxsize=512)
+def _fields(*texts: str) -> bytes:
+    # The encoding of a run of str fields that repeat from message to message
+    # (kind, sender, recipient, ..., algorithm and signer). Bounded, so a peer
+    # sending ever new values only costs cache misses.
+    parts: list[bytes] = []
+    _strs(parts, texts)
+    return b"".join(parts)
 
 
 def _new_id(raw: bytes) -> str:
@@ -243,11 +254,12 @@ class Envelope:
             if self._signed_input is not None:
                 return self._signed_input
             signer, algorithm = self.signature.signer, self.signature.algorithm
-        parts: list[bytes] = [_ENVELOPE_PREFIX]
-        _strs(
-            parts,
-            (
-                self.id,
+        raw_id = self.id.encode()
+        parts: list[bytes] = [
+            _ENVELOPE_PREFIX,
+            _U32.pack(len(raw_id)),
+            raw_id,
+            _fields(
                 self.kind,
                 self.sender,
                 self.recipient,
@@ -256,15 +268,16 @@ class Envelope:
                 self.role,
                 self.content_type,
             ),
-        )
-        parts += (_SHA256_LENGTH, _sha256(self.payload))
+            _SHA256_LENGTH,
+            _sha256(self.payload),
+        ]
         if self.metadata:
             _map(parts, self.metadata)
         else:
             parts.append(_EMPTY)
         parts.append(_I64.pack(self.created_at_ms))
         _bytes(parts, self.nonce)
-        _strs(parts, (algorithm, self.sender if signer is None else signer))
+        parts.append(_fields(algorithm, self.sender if signer is None else signer))
         data = b"".join(parts)
         if self.signature is not None:
             object.__setattr__(self, "_signed_input", data)
@@ -428,13 +441,16 @@ class Reply:
         if self.signature is not None:
             signer, algorithm = self.signature.signer, self.signature.algorithm
         error = self.error
-        parts: list[bytes] = [_REPLY_PREFIX]
-        _strs(parts, (self.request_id,))
+        raw_id = self.request_id.encode()
+        parts: list[bytes] = [_REPLY_PREFIX, _U32.pack(len(raw_id)), raw_id]
         _bytes(parts, self.request_digest)
-        _strs(parts, (self.responder,))
-        parts.append(b"\x01" if self.success else b"\x00")
-        _strs(parts, (self.content_type,))
-        parts += (_SHA256_LENGTH, _sha256(self.data))
+        parts += (
+            _fields(self.responder),
+            b"\x01" if self.success else b"\x00",
+            _fields(self.content_type),
+            _SHA256_LENGTH,
+            _sha256(self.data),
+        )
         if error is None:
             parts += (_EMPTY, _EMPTY, _EMPTY)  # reason, message, details: all empty
         else:
@@ -445,7 +461,7 @@ class Reply:
             _U64.pack(self.sequence),
             b"\x01" if self.final else b"\x00",
         )
-        _strs(parts, (algorithm, self.responder if signer is None else signer))
+        parts.append(_fields(algorithm, self.responder if signer is None else signer))
         return b"".join(parts)
 
 

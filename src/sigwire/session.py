@@ -824,9 +824,11 @@ class Session:
             for before, after in zip(envelopes, signed, strict=True):
                 if before is not after:
                     on_signed(before, after)
-        to_pb = _proto.envelope_to_pb
-        batch = pb.EnvelopeBatch(envelopes=[to_pb(e) for e in signed])
-        frames.append(pb.Frame(sequence=self._sent, envelopes=batch))
+        frame = pb.Frame(sequence=self._sent)
+        container = frame.envelopes.envelopes
+        for envelope in signed:
+            _proto.add_envelope(container, envelope)
+        frames.append(frame)
         # Envelopes hold window credit until the peer acks this frame.
         self._unacked.append((self._sent, count))
         envelopes.clear()
@@ -837,9 +839,11 @@ class Session:
         if self._stalled:
             self._resume_stalled()
         self._sent += count
-        to_pb = _proto.reply_to_pb
-        answers = pb.ReplyBatch(replies=[to_pb(r) for r in self._sign(replies)])
-        frames.append(pb.Frame(sequence=self._sent, replies=answers))
+        frame = pb.Frame(sequence=self._sent)
+        container = frame.replies.replies
+        for reply in self._sign(replies):
+            _proto.add_reply(container, reply)
+        frames.append(frame)
         replies.clear()
 
     def _sign(self, messages: list[_M]) -> list[_M]:
