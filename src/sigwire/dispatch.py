@@ -306,9 +306,20 @@ class ReplyCache:
         return entry
 
     def finish(
-        self, entry: _Answer, key: tuple[str, str] | None = None, *, persist: bool = True
+        self,
+        entry: _Answer,
+        key: tuple[str, str] | None = None,
+        last: Reply | None = None,
+        *,
+        persist: bool = True,
     ) -> None:
-        """Mark an entry complete; it expires ``ttl`` seconds from now."""
+        """Mark an entry complete, with ``last`` as its final reply if given.
+
+        It expires ``ttl`` seconds from now. Readers see ``last`` only once
+        the whole answer is complete (and persisted, with a store).
+        """
+        if last is not None:
+            entry.replies.append(last)
         entry.expires = time.monotonic() + self.ttl
         entry.size = sum(len(reply.data) for reply in entry.replies)
         self.bytes += entry.size
@@ -592,19 +603,21 @@ class Dispatcher:
                     async for item in handler(message):  # type: ignore[union-attr]
                         entry.add(self.reply(envelope, item, sequence=sequence, final=False))
                         sequence += 1
-                    entry.add(self.reply(envelope, b"", sequence=sequence))
+                    last = self.reply(envelope, b"", sequence=sequence)
                 else:
                     result = await handler(message)  # type: ignore[misc]
-                    entry.add(self.reply(envelope, result))
+                    last = self.reply(envelope, result)
             except SigwireError as exc:
-                entry.add(self.error_reply(envelope, exc, sequence=sequence))
+                last = self.error_reply(envelope, exc, sequence=sequence)
             except Exception:
-                entry.add(self.error_reply(envelope, _crashed(envelope), sequence=sequence))
+                last = self.error_reply(envelope, _crashed(envelope), sequence=sequence)
         except BaseException:
             self.cache.abandon(key, entry)
             raise
         self.handled += 1
-        self.cache.finish(entry, key)
+        # The final reply is published with the answer complete (and stored,
+        # with a store): whoever sends it on sends a persisted answer.
+        self.cache.finish(entry, key, last)
 
     def reply(
         self, envelope: Envelope, result: HandlerResult, *, sequence: int = 0, final: bool = True

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 from sigwire import _proto
 from sigwire._proto import pb
-from sigwire.dispatch import Dispatcher, finished
+from sigwire.dispatch import Dispatcher, finished, start_eagerly
 from sigwire.envelope import Envelope, Reply, Signature
 from sigwire.errors import (
     ConnectionClosedError,
@@ -189,11 +189,11 @@ class _Outbox:
             self._items = None  # an idle stream keeps no 64-slot deque block
         return item
 
-    async def get(self) -> object:
+    async def wait(self) -> None:
+        """Until something is queued (left in the queue)."""
         while not self._items:
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             await waiter
-        return self.get_nowait()
 
 
 class _Answering:
@@ -272,6 +272,7 @@ class Session:
         "_closed_event",
         "_closing",
         "_credit",
+        "_hold",
         "_identity",
         "_is_closed",
         "_last_heard",
@@ -293,6 +294,8 @@ class Session:
         "_tasks",
         "_unacked",
         "_unstarted",
+        "_write_done",
+        "_writing",
         "batch_signatures",
         "dispatcher",
         "error",
@@ -373,6 +376,13 @@ class Session:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        # A flush is under way (the writer's, or a message written at once by
+        # whoever queued it); the writer waits on _write_done for the latter.
+        self._writing = False
+        self._write_done: asyncio.Future[None] | None = None
+        # Set while a frame's envelopes start together: their replies wait for
+        # the writer, which sends them in one frame.
+        self._hold = False
 
     # -- owner API ---------------------------------------------------------
 
@@ -413,7 +423,7 @@ class Session:
             ConnectionClosedError: The session is closed.
         """
         await self._credit.acquire()
-        self._queue.put_nowait(envelope)
+        self._send(envelope)
 
     async def send_reply(self, reply: Reply) -> None:
         """Queue a reply (signed, or to be signed by the writer), waiting for room.
@@ -427,7 +437,7 @@ class Session:
         # handlers' replies wait here, no new envelope starts, and a peer that
         # keeps sending beyond its window is cut off.
         await self._reply_room.acquire()
-        self._queue.put_nowait(reply)
+        self._send(reply)
 
     def send_goaway(self, reason: str, message: str, grace_ms: int) -> None:
         """Tell the peer to send nothing new on this stream."""
@@ -567,7 +577,11 @@ class Session:
             self._backlog.extend(
                 (envelope, entry, ok) for envelope, ok in zip(envelopes, checked, strict=True)
             )
-            self._pump()
+            self._hold = count > 1
+            try:
+                self._pump()
+            finally:
+                self._hold = False
         elif body == "replies":
             if len(frame.replies.replies) > _MAX_FRAME_MESSAGES:
                 raise OverloadedError("a frame of more replies than any writer batches")
@@ -631,15 +645,20 @@ class Session:
                     break
                 starting = backlog[:room]
                 del backlog[: len(starting)]
-                for envelope, entry, authenticated in starting:
+                for _, entry, _ in starting:
                     entry[1] -= 1
-                    self._serving += 1
+                self._serving += len(starting)
+                # Started from here on: a reply written at once carries the ack.
+                self._advance_received()
+                for envelope, _, authenticated in starting:
                     self._start(envelope, authenticated)
         finally:
             self._pumping = False
         self._advance_ack()
 
-    def _advance_ack(self) -> None:
+    def _advance_received(self) -> None:
+        # What may be acked: every frame up to the first whose envelopes have
+        # not all started.
         unstarted = self._unstarted
         done = 0
         for sequence, waiting in unstarted:
@@ -650,6 +669,9 @@ class Session:
                 self._received = sequence
         if done:
             del unstarted[:done]
+
+    def _advance_ack(self) -> None:
+        self._advance_received()
         if self._received <= self._acked or self._ack_queued:
             return
         # Acks ride behind the next flush of data (a reply is usually on its
@@ -714,7 +736,7 @@ class Session:
                 return
             reply = self.dispatcher.restate(replies[answering.index], answering.digest)
             answering.index += 1
-            self._queue.put_nowait(reply)
+            self._send(reply)
         if not entry.done:
             return
         entry.unwatch(answering)
@@ -732,7 +754,7 @@ class Session:
         # exceed the reply room by at most the window.
         if not self._closing:
             self._reply_room.available -= 1
-            self._queue.put_nowait(reply)
+            self._send(reply)
 
     def _served(self) -> None:
         self._serving -= 1
@@ -744,12 +766,62 @@ class Session:
         while stalled and self._reply_room.available > 0 and not self._closing:
             self._follow(stalled.pop(0))
 
+    def _send(self, message: Envelope | Reply) -> None:
+        # Write a message at once when the stream is idle: nothing queued or
+        # being written, and (for a request) nothing unacknowledged in flight.
+        # That is the common case of one request at a time, which then skips
+        # the hop to the writer task. Anything else is queued for the writer,
+        # which batches.
+        if (
+            self._writing
+            or self._hold
+            or self._closing
+            or not self._queue.empty()
+            or (self._unacked and isinstance(message, Envelope))
+        ):
+            self._queue.put_nowait(message)
+            return
+        self._writing = True
+        # Started eagerly: the frame is built and handed to the transport
+        # now; only the wait for the transport to take it runs in a task of
+        # its own, so a caller cancelled meanwhile cannot cancel the write.
+        task = start_eagerly(self._write_now(message))
+        if task is None:
+            # Taken without waiting (a transport that buffers): what is sent
+            # in this same loop iteration still goes behind it, batched.
+            asyncio.get_running_loop().call_soon(self._written)
+        else:
+            self._tasks.add(task)
+            task.add_done_callback(self._write_task_done)
+
+    async def _write_now(self, message: Envelope | Reply) -> None:
+        try:
+            await self._flush([message])
+        except Exception as exc:
+            await self._write_failed(exc)
+
+    def _write_task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._written()
+
+    def _written(self) -> None:
+        self._writing = False
+        done, self._write_done = self._write_done, None
+        if done is not None and not done.done():
+            done.set_result(None)
+
     async def _writer(self) -> None:
         queue = self._queue
         try:
             while True:
-                item = await queue.get()
-                batch = [item]
+                await queue.wait()
+                if self._writing:
+                    # A message being written at once; what was queued behind
+                    # it goes next, in order.
+                    done = self._write_done = asyncio.get_running_loop().create_future()
+                    await done
+                    continue
+                batch = [queue.get_nowait()]
                 size = 0
                 while not queue.empty() and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
                     nxt = queue.get_nowait()
@@ -758,15 +830,22 @@ class Session:
                         size += len(nxt.payload) + _metadata_size(nxt)
                     elif isinstance(nxt, Reply):
                         size += len(nxt.data)
-                stop = await self._flush(batch)
+                self._writing = True
+                try:
+                    stop = await self._flush(batch)
+                finally:
+                    self._writing = False
                 if stop:
                     return
         except Exception as exc:
-            log.debug("%s: write failed: %r", self.name, exc)
-            self._begin_close(ConnectionClosedError(f"{self.name}: write failed"))
-            # The reader may be blocked in recv(); closing the stream ends it.
-            with contextlib.suppress(Exception):
-                await self.stream.close()
+            await self._write_failed(exc)
+
+    async def _write_failed(self, exc: Exception) -> None:
+        log.debug("%s: write failed: %r", self.name, exc)
+        self._begin_close(ConnectionClosedError(f"{self.name}: write failed"))
+        # The reader may be blocked in recv(); closing the stream ends it.
+        with contextlib.suppress(Exception):
+            await self.stream.close()
 
     async def _flush(self, batch: list[object]) -> bool:
         frames: list[pb.Frame] = []
