@@ -1,0 +1,115 @@
+"""Dispatcher.begin: every check, then the handler started at once; answers published whole."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import sigwire
+from sigwire.dispatch import Dispatcher, Handlers, Limits, _Answer
+from sigwire.envelope import Envelope, Reply
+from sigwire.store import SqliteStore
+
+SERVER = sigwire.Identity.from_seed(b"s" * 32)
+CLIENT = sigwire.Identity.from_seed(b"c" * 32)
+
+
+def _request(payload: bytes = b"hi") -> Envelope:
+    return CLIENT.sign_envelope(Envelope.new("work", payload, sender=CLIENT.did))
+
+
+def _dispatcher(handlers: Handlers, store: SqliteStore | None = None) -> Dispatcher:
+    return Dispatcher(SERVER, handlers, limits=Limits(rate=None), store=store)
+
+
+async def test_a_handler_that_never_waits_has_answered_when_begin_returns() -> None:
+    """No task is left running, and the answer is complete and final."""
+    handlers = Handlers()
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        return b"done " + msg.payload
+
+    dispatcher = _dispatcher(handlers)
+    answer = dispatcher.begin(_request())
+    assert isinstance(answer, _Answer)
+    assert answer.done
+    assert [r.data for r in answer.replies] == [b"done hi"]
+    assert dispatcher.running() == ()
+    assert dispatcher.handled == 1
+
+
+async def test_a_handler_that_waits_runs_on_in_its_own_task() -> None:
+    """It is counted as running until it answers, and its answer then completes."""
+    handlers = Handlers()
+    gate = asyncio.Event()
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        await gate.wait()
+        return b"late"
+
+    dispatcher = _dispatcher(handlers)
+    answer = dispatcher.begin(_request())
+    assert isinstance(answer, _Answer)
+    assert not answer.done
+    (task,) = dispatcher.running()
+    gate.set()
+    await task
+    assert answer.done
+    assert [r.data for r in answer.replies] == [b"late"]
+
+
+async def test_watchers_see_the_final_reply_only_once_it_is_stored(tmp_path: Path) -> None:
+    """Whoever sends the final reply on sends an answer that survives a restart."""
+    handlers = Handlers()
+    gate = asyncio.Event()
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        await gate.wait()
+        return b"stored"
+
+    store = SqliteStore(tmp_path / "agent.db")
+    dispatcher = _dispatcher(handlers, store)
+    request = _request()
+    answer = dispatcher.begin(request)
+    assert isinstance(answer, _Answer)
+    seen: list[tuple[list[Reply], bool]] = []
+
+    def watcher() -> None:
+        stored = store.get_answer(request.sender, request.id)
+        seen.append((list(answer.replies), stored is not None))
+
+    answer.watch(watcher)
+    gate.set()
+    (task,) = dispatcher.running()
+    await task
+    assert seen, "the watcher was never called"
+    for replies, stored in seen:
+        if replies and replies[-1].final:
+            assert stored, "the final reply was visible before the answer was stored"
+    store.close()
+
+
+async def test_a_duplicate_follows_the_running_answer_without_running_the_handler() -> None:
+    """The same envelope again, while its handler waits, gets the same entry."""
+    handlers = Handlers()
+    gate = asyncio.Event()
+    runs: list[bytes] = []
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        runs.append(msg.payload)
+        await gate.wait()
+        return b"once"
+
+    dispatcher = _dispatcher(handlers)
+    request = _request()
+    first = dispatcher.begin(request)
+    again = dispatcher.begin(request)
+    assert again is first
+    gate.set()
+    (task,) = dispatcher.running()
+    await task
+    assert runs == [b"hi"]
