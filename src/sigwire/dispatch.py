@@ -18,12 +18,12 @@ import dataclasses
 import inspect
 import logging
 import time
-import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
-from typing import Any, Protocol, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeAlias
 
 from sigwire import _proto
+from sigwire._eager import start_eagerly
 from sigwire.envelope import Envelope, Message, Reply, ReplyError, now_ms
 from sigwire.errors import (
     HandlerCancelledError,
@@ -46,6 +46,7 @@ __all__ = [
     "BATCH_SIGNATURES_KEY",
     "HELLO_CONTENT_TYPE",
     "HELLO_KIND",
+    "Answer",
     "Dispatcher",
     "Handler",
     "HandlerResult",
@@ -55,7 +56,6 @@ __all__ = [
     "SessionHooks",
     "TokenBuckets",
     "finished",
-    "start_eagerly",
 ]
 
 log = logging.getLogger("sigwire.server")
@@ -191,7 +191,7 @@ class TokenBuckets:
         bucket[0] -= 1.0
 
 
-class _Answer:
+class Answer:
     """The answer to one (sender, id): filled by one handler task, read by any number.
 
     Readers either iterate :meth:`follow` (the unary RPCs) or register a
@@ -277,12 +277,12 @@ class ReplyCache:
         self.ttl = ttl
         self.store = store
         self.bytes = 0
-        self._entries: collections.OrderedDict[tuple[str, str], _Answer] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple[str, str], Answer] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[str, str]) -> _Answer | None:
+    def get(self, key: tuple[str, str]) -> Answer | None:
         """The live entry of ``key``, if any."""
         entry = self._entries.get(key)
         if entry is not None and entry.done and entry.expires < time.monotonic():
@@ -292,22 +292,22 @@ class ReplyCache:
             stored = self.store.get_answer(*key)
             if stored is not None:
                 # Answered before a restart: serve it, never run the handler again.
-                entry = _Answer()
+                entry = Answer()
                 entry.replies = [_proto.decode_reply(data) for data in stored]
                 self.finish(entry, persist=False)
                 self._entries[key] = entry
         return entry
 
-    def begin(self, key: tuple[str, str]) -> _Answer:
+    def begin(self, key: tuple[str, str]) -> Answer:
         """Create the in-progress entry of ``key``."""
-        entry = _Answer()
+        entry = Answer()
         self._entries[key] = entry
         self._evict()
         return entry
 
     def finish(
         self,
-        entry: _Answer,
+        entry: Answer,
         key: tuple[str, str] | None = None,
         last: Reply | None = None,
         *,
@@ -325,12 +325,17 @@ class ReplyCache:
         self.bytes += entry.size
         if persist and key is not None and self.store is not None:
             data = [_proto.reply_to_pb(reply).SerializeToString() for reply in entry.replies]
-            self.store.put_answer(key[0], key[1], data, self.ttl)
+            try:
+                self.store.put_answer(key[0], key[1], data, self.ttl)
+            except Exception:
+                # The answer stands (the peer gets it) but would not survive a
+                # restart; a stuck entry would lose it and its waiters for good.
+                log.exception("could not store the answer to %r from %r", key[1], key[0])
         entry.close()
         if self.bytes > self.max_bytes:
             self._evict()
 
-    def abandon(self, key: tuple[str, str], entry: _Answer) -> None:
+    def abandon(self, key: tuple[str, str], entry: Answer) -> None:
         """Drop an entry whose handler never finished (cancelled at shutdown)."""
         if self._entries.get(key) is entry:
             self.bytes -= self._entries.pop(key).size
@@ -443,12 +448,20 @@ class Dispatcher:
         *,
         unary: bool = False,
         authenticated: bool = False,
-    ) -> _Answer | Reply:
+        context: contextvars.Context | None = None,
+    ) -> Answer | Reply:
         """Run every step before the handler, start it if need be, return its answer.
 
         Synchronous: a stream session calls it for each envelope as it
-        arrives, and follows the answer with :meth:`_Answer.watch`; replies
+        arrives, and follows the answer with :meth:`Answer.watch`; replies
         are to be passed through :meth:`restate` before they are sent.
+
+        Args:
+            envelope: The decoded inbound envelope.
+            session: The stream it came on, if any (a hello binds it).
+            unary: See :meth:`dispatch`.
+            authenticated: See :meth:`dispatch`.
+            context: The handler runs in a copy of it; default, of the current one.
 
         Returns:
             The answer entry to follow, or, for a hello, its one (unsigned) reply.
@@ -486,11 +499,13 @@ class Dispatcher:
             entry.content = _content(envelope)
             # The handler runs in its own task, not the caller's: if the
             # connection drops mid-way, it still finishes and its answer is
-            # cached for the re-sent envelope. It starts at once (eagerly, as
-            # Python 3.12's eager tasks would): one that answers without
-            # waiting has answered before this returns, and needs no task.
-            task = start_eagerly(self._produce(key, entry, envelope, handler, streams))
-            if task is not None:
+            # cached for the re-sent envelope. It starts at once (sigwire._eager):
+            # one that answers without waiting has answered before this returns.
+            task = start_eagerly(
+                self._produce(key, entry, envelope, handler, streams),
+                context.copy() if context is not None else None,
+            )
+            if not entry.done:
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         elif self.buckets is not None and (fresh or not _first_resend(session, envelope.id)):
@@ -590,7 +605,7 @@ class Dispatcher:
     async def _produce(
         self,
         key: tuple[str, str],
-        entry: _Answer,
+        entry: Answer,
         envelope: Envelope,
         handler: Handler,
         streams: bool,
@@ -665,52 +680,7 @@ class Dispatcher:
         return tuple(self._running)
 
 
-def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
-    """Run ``coro`` now until it first waits; a task runs the rest.
-
-    Returns:
-        The task that finishes ``coro``, or None if it already finished.
-
-    Like a new task, it runs in a copy of the current context; unlike one, it
-    costs no loop iteration before it starts, and nothing when it never waits.
-    """
-    context = contextvars.copy_context()
-    try:
-        waiting = context.run(coro.send, None)
-    except StopIteration:
-        return None
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:
-        # Where a task would have kept it (a handler cancelling itself, say).
-        return asyncio.get_running_loop().create_task(_raise(exc), context=context)
-    return asyncio.get_running_loop().create_task(_resume(coro, waiting), context=context)
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], waiting: Any) -> Generator[Any, Any, None]:
-    # Hands the task what ``coro`` waits on, and the outcome back to ``coro``
-    # (a cancellation included), until it returns.
-    while True:
-        try:
-            value = yield waiting
-        except BaseException as exc:
-            try:
-                waiting = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                waiting = coro.send(value)
-            except StopIteration:
-                return
-
-
-async def _raise(exc: BaseException) -> None:
-    raise exc
-
-
-def finished(answer: _Answer) -> bool:
+def finished(answer: Answer) -> bool:
     """Whether a done answer ended with its final reply (else it was cancelled)."""
     return bool(answer.replies) and answer.replies[-1].final
 

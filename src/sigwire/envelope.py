@@ -112,14 +112,25 @@ def _strs(parts: list[bytes], texts: Iterable[str]) -> None:
             append(_EMPTY)
 
 
-@functools.lru_cache(maxsize=512)
 def _fields(*texts: str) -> bytes:
     # The encoding of a run of str fields that repeat from message to message
-    # (kind, sender, recipient, ..., algorithm and signer). Bounded, so a peer
-    # sending ever new values only costs cache misses.
+    # (kind, sender, recipient, ..., algorithm and signer), cached when short.
+    # Signing inputs are computed before a message is validated, so a run
+    # may be of any length: only short ones are kept (a bounded number), and
+    # a peer sending ever new or huge values only costs cache misses.
+    if sum(map(len, texts)) > _CACHED_RUN_CHARS:
+        return _encode_run(texts)
+    return _cached_run(texts)
+
+
+def _encode_run(texts: Iterable[str]) -> bytes:
     parts: list[bytes] = []
     _strs(parts, texts)
     return b"".join(parts)
+
+
+_cached_run = functools.lru_cache(maxsize=512)(_encode_run)
+_CACHED_RUN_CHARS = 512
 
 
 def _new_id(raw: bytes) -> str:

@@ -22,15 +22,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final, TypeVar
 
 from sigwire import _proto
+from sigwire._eager import start_eagerly
 from sigwire._proto import pb
-from sigwire.dispatch import Dispatcher, finished, start_eagerly
+from sigwire.dispatch import Answer, Dispatcher, finished
 from sigwire.envelope import Envelope, Reply, Signature
 from sigwire.errors import (
     ConnectionClosedError,
@@ -41,9 +43,6 @@ from sigwire.errors import (
     SigwireError,
 )
 from sigwire.signing import Verifier
-
-if TYPE_CHECKING:
-    from sigwire.dispatch import _Answer
 from sigwire.transports.base import FrameStream
 
 __all__ = ["GoAwayInfo", "Session", "SessionOptions", "max_frame_size"]
@@ -207,7 +206,7 @@ class _Answering:
 
     __slots__ = ("digest", "entry", "envelope", "index", "session")
 
-    def __init__(self, session: Session, envelope: Envelope, entry: _Answer) -> None:
+    def __init__(self, session: Session, envelope: Envelope, entry: Answer) -> None:
         self.session = session
         self.envelope = envelope
         self.entry = entry
@@ -222,6 +221,14 @@ class _Answering:
         except Exception:
             log.exception("%s: failed to answer envelope %r", self.session.name, self.envelope.id)
             self.session._begin_close(ConnectionClosedError(f"{self.session.name}: internal error"))
+
+
+def _answered(reply: Reply) -> Answer:
+    # A complete one-reply answer (a refusal, a hello's), outside any cache.
+    entry = Answer()
+    entry.replies.append(reply)
+    entry.done = True
+    return entry
 
 
 _M = TypeVar("_M", Envelope, Reply)
@@ -271,6 +278,7 @@ class Session:
         "_close_requested",
         "_closed_event",
         "_closing",
+        "_context",
         "_credit",
         "_hold",
         "_identity",
@@ -347,6 +355,9 @@ class Session:
         # on the first one): the dispatcher rates only a second re-send.
         self.resent: set[str] | None = None
         self._identity = dispatcher.identity
+        # Handlers (and writes started at once) run in copies of the context
+        # the session was made in, never of another handler's.
+        self._context = contextvars.copy_context()
         self._queue = _Outbox()
         self._credit = _Credit(self.options.window)
         self._reply_room = _Credit(4 * self.options.window)
@@ -691,70 +702,73 @@ class Session:
     def _start(self, envelope: Envelope, authenticated: bool) -> None:
         dispatcher = self.dispatcher
         try:
-            started = dispatcher.begin(envelope, self, authenticated=authenticated)
+            started = dispatcher.begin(
+                envelope, self, authenticated=authenticated, context=self._context
+            )
         except ShuttingDownError as exc:
             # Refused while draining: the peer must hear it, not wait for a
             # reply that never comes.
-            self._put_reply(dispatcher.error_reply(envelope, exc))
-            self._served()
+            self._answer(envelope, _answered(dispatcher.error_reply(envelope, exc)))
             return
         except ConnectionClosedError:
             self._served()
             return
         except SigwireError as exc:
-            self._put_reply(dispatcher.error_reply(envelope, exc))
-            self._served()
+            self._answer(envelope, _answered(dispatcher.error_reply(envelope, exc)))
             return
         except Exception:
             log.exception("%s: failed to answer envelope %r", self.name, envelope.id)
             self._served()
             return
         if isinstance(started, Reply):
-            self._put_reply(started)  # a hello's
-            self._served()
+            self._answer(envelope, _answered(started))  # a hello's
             return
-        answering = _Answering(self, envelope, started)
+        self._answer(envelope, started)
+
+    def _answer(self, envelope: Envelope, entry: Answer) -> None:
+        # Follow an answer until its last reply is queued. A refusal is a
+        # one-reply answer followed the same way: it waits for room for
+        # replies like any other, holding its envelope's slot meanwhile, so a
+        # peer that stops reading cannot queue refusals without end.
+        answering = _Answering(self, envelope, entry)
         if self._answering is None:
             self._answering = set()
         self._answering.add(answering)
-        started.watch(answering)
+        if not entry.done:
+            entry.watch(answering)
         self._follow(answering)
 
     def _follow(self, answering: _Answering) -> None:
         # Queue the replies the answer has gained since last time, while there
         # is room (the writer calls again once it has made some).
-        entry = answering.entry
-        replies = entry.replies
-        while answering.index < len(replies):
-            if self._closing:
+        while True:
+            entry = answering.entry
+            replies = entry.replies
+            while answering.index < len(replies):
+                if self._closing:
+                    return
+                if not self._reply_room.try_acquire():
+                    if self._stalled is None:
+                        self._stalled = []
+                    if answering not in self._stalled:
+                        self._stalled.append(answering)
+                    return
+                reply = self.dispatcher.restate(replies[answering.index], answering.digest)
+                answering.index += 1
+                self._send(reply)
+            if not entry.done:
                 return
-            if not self._reply_room.try_acquire():
-                if self._stalled is None:
-                    self._stalled = []
-                if answering not in self._stalled:
-                    self._stalled.append(answering)
-                return
-            reply = self.dispatcher.restate(replies[answering.index], answering.digest)
-            answering.index += 1
-            self._send(reply)
-        if not entry.done:
-            return
-        entry.unwatch(answering)
-        if self._answering is not None:
-            self._answering.discard(answering)
-        if not finished(entry) and not self._closing:
+            entry.unwatch(answering)
+            if finished(entry) or self._closing:
+                break
             # It had started: not SHUTTING_DOWN's refusal, which clients re-send
             # on their own, but the peer must still hear that it ended.
             error = HandlerCancelledError("the handler was cancelled before it answered")
-            self._put_reply(self.dispatcher.error_reply(answering.envelope, error))
+            answering.entry = _answered(self.dispatcher.error_reply(answering.envelope, error))
+            answering.index = 0
+        if self._answering is not None:
+            self._answering.discard(answering)
         self._served()
-
-    def _put_reply(self, reply: Reply) -> None:
-        # A reply made here (a refusal, a hello's): one per envelope, so it may
-        # exceed the reply room by at most the window.
-        if not self._closing:
-            self._reply_room.available -= 1
-            self._send(reply)
 
     def _served(self) -> None:
         self._serving -= 1
@@ -783,16 +797,13 @@ class Session:
             return
         self._writing = True
         # Started eagerly: the frame is built and handed to the transport
-        # now; only the wait for the transport to take it runs in a task of
-        # its own, so a caller cancelled meanwhile cannot cancel the write.
-        task = start_eagerly(self._write_now(message))
-        if task is None:
-            # Taken without waiting (a transport that buffers): what is sent
-            # in this same loop iteration still goes behind it, batched.
-            asyncio.get_running_loop().call_soon(self._written)
-        else:
-            self._tasks.add(task)
-            task.add_done_callback(self._write_task_done)
+        # now, in a task of its own that also waits for the transport to take
+        # it, so a caller cancelled meanwhile cannot cancel the write. Until
+        # that task is done (the next loop iteration at the earliest), what
+        # follows queues behind it and is batched.
+        task = start_eagerly(self._write_now(message), self._context.copy())
+        self._tasks.add(task)
+        task.add_done_callback(self._write_task_done)
 
     async def _write_now(self, message: Envelope | Reply) -> None:
         try:

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import sigwire
-from sigwire.dispatch import Dispatcher, Handlers, Limits, _Answer
+from sigwire.dispatch import Answer, Dispatcher, Handlers, Limits
 from sigwire.envelope import Envelope, Reply
 from sigwire.store import SqliteStore
 
@@ -32,7 +32,7 @@ async def test_a_handler_that_never_waits_has_answered_when_begin_returns() -> N
 
     dispatcher = _dispatcher(handlers)
     answer = dispatcher.begin(_request())
-    assert isinstance(answer, _Answer)
+    assert isinstance(answer, Answer)
     assert answer.done
     assert [r.data for r in answer.replies] == [b"done hi"]
     assert dispatcher.running() == ()
@@ -51,7 +51,7 @@ async def test_a_handler_that_waits_runs_on_in_its_own_task() -> None:
 
     dispatcher = _dispatcher(handlers)
     answer = dispatcher.begin(_request())
-    assert isinstance(answer, _Answer)
+    assert isinstance(answer, Answer)
     assert not answer.done
     (task,) = dispatcher.running()
     gate.set()
@@ -74,7 +74,7 @@ async def test_watchers_see_the_final_reply_only_once_it_is_stored(tmp_path: Pat
     dispatcher = _dispatcher(handlers, store)
     request = _request()
     answer = dispatcher.begin(request)
-    assert isinstance(answer, _Answer)
+    assert isinstance(answer, Answer)
     seen: list[tuple[list[Reply], bool]] = []
 
     def watcher() -> None:
@@ -113,3 +113,41 @@ async def test_a_duplicate_follows_the_running_answer_without_running_the_handle
     (task,) = dispatcher.running()
     await task
     assert runs == [b"hi"]
+
+
+async def test_an_answer_the_store_cannot_keep_still_completes(tmp_path: Path) -> None:
+    """A failing store is logged; the answer is published and its waiters released anyway."""
+    handlers = Handlers()
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        await asyncio.sleep(0)
+        return b"kept in memory"
+
+    store = SqliteStore(tmp_path / "agent.db")
+
+    def broken(*args: object) -> None:
+        raise OSError("disk full")
+
+    store.put_answer = broken  # type: ignore[method-assign]
+    dispatcher = _dispatcher(handlers, store)
+    answer = dispatcher.begin(_request())
+    assert isinstance(answer, Answer)
+    (task,) = dispatcher.running()
+    await task
+    assert answer.done
+    assert [r.data for r in answer.replies] == [b"kept in memory"]
+    store.close()
+
+
+def test_long_field_runs_are_encoded_but_not_kept() -> None:
+    """Signing inputs of huge (not yet validated) fields leave nothing behind in the cache."""
+    from sigwire.envelope import _cached_run
+
+    before = _cached_run.cache_info().currsize
+    for i in range(50):
+        reply = Reply(
+            request_id="r", request_digest=b"", responder="x", content_type=f"{i}" + "y" * 100_000
+        )
+        assert len(reply.signing_input()) > 100_000
+    assert _cached_run.cache_info().currsize <= before + 2
