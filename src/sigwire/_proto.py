@@ -64,20 +64,17 @@ def _signature_from_pb(msg: pb.Signature) -> Signature:
     return Signature(msg.signer, msg.algorithm, msg.value, proof)
 
 
-def _signature_to_pb(signature: Signature) -> pb.Signature:
-    msg = pb.Signature(
-        signer=signature.signer, algorithm=signature.algorithm, value=signature.value
-    )
+def _set_signature(target: pb.Signature, signature: Signature) -> None:
+    # Field by field on the message's own sub-message: cheaper than building a
+    # Signature message and handing it over (which copies it).
+    target.signer = signature.signer
+    target.algorithm = signature.algorithm
+    target.value = signature.value
     proof = signature.batch
     if proof is not None:
-        msg.batch.index = proof.index
-        msg.batch.size = proof.size
-        msg.batch.path.extend(proof.path)
-    return msg
-
-
-def _set_signature(target: pb.Signature, signature: Signature) -> None:
-    target.CopyFrom(_signature_to_pb(signature))
+        target.batch.index = proof.index
+        target.batch.size = proof.size
+        target.batch.path.extend(proof.path)
 
 
 def envelope_to_pb(envelope: Envelope) -> pb.Envelope:
@@ -96,30 +93,16 @@ def add_envelope(
 
 
 def _build_envelope(make: Callable[..., pb.Envelope], envelope: Envelope) -> pb.Envelope:
-    signature = envelope.signature
-    if signature is not None and signature.batch is None:
-        msg = make(
-            id=envelope.id,
-            kind=envelope.kind,
-            sender=envelope.sender,
-            payload=envelope.payload,
-            created_at_ms=envelope.created_at_ms,
-            nonce=envelope.nonce,
-            signature=pb.Signature(
-                signer=signature.signer, algorithm=signature.algorithm, value=signature.value
-            ),
-        )
-    else:
-        msg = make(
-            id=envelope.id,
-            kind=envelope.kind,
-            sender=envelope.sender,
-            payload=envelope.payload,
-            created_at_ms=envelope.created_at_ms,
-            nonce=envelope.nonce,
-        )
-        if signature is not None:
-            msg.signature.CopyFrom(_signature_to_pb(signature))
+    msg = make(
+        id=envelope.id,
+        kind=envelope.kind,
+        sender=envelope.sender,
+        payload=envelope.payload,
+        created_at_ms=envelope.created_at_ms,
+        nonce=envelope.nonce,
+    )
+    if envelope.signature is not None:
+        _set_signature(msg.signature, envelope.signature)
     if envelope.recipient:
         msg.recipient = envelope.recipient
     if envelope.context_id:
@@ -195,7 +178,7 @@ def _build_reply(make: Callable[..., pb.Reply], reply: Reply) -> pb.Reply:
         msg.error.message = reply.error.message
         msg.error.details.update(reply.error.details)
     if reply.signature is not None:
-        msg.signature.CopyFrom(_signature_to_pb(reply.signature))
+        _set_signature(msg.signature, reply.signature)
     return msg
 
 

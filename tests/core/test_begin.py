@@ -22,6 +22,20 @@ def _dispatcher(handlers: Handlers, store: SqliteStore | None = None) -> Dispatc
     return Dispatcher(SERVER, handlers, limits=Limits(rate=None), store=store)
 
 
+def _gated(gate: asyncio.Event, result: bytes, runs: list[bytes] | None = None) -> Handlers:
+    """Handlers whose ``work`` waits for ``gate``, then answers ``result``."""
+    handlers = Handlers()
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        if runs is not None:
+            runs.append(msg.payload)
+        await gate.wait()
+        return result
+
+    return handlers
+
+
 async def test_a_handler_that_never_waits_has_answered_when_begin_returns() -> None:
     """No task is left running, and the answer is complete and final."""
     handlers = Handlers()
@@ -41,15 +55,8 @@ async def test_a_handler_that_never_waits_has_answered_when_begin_returns() -> N
 
 async def test_a_handler_that_waits_runs_on_in_its_own_task() -> None:
     """It is counted as running until it answers, and its answer then completes."""
-    handlers = Handlers()
     gate = asyncio.Event()
-
-    @handlers.on("work")
-    async def work(msg: sigwire.Message) -> bytes:
-        await gate.wait()
-        return b"late"
-
-    dispatcher = _dispatcher(handlers)
+    dispatcher = _dispatcher(_gated(gate, b"late"))
     answer = dispatcher.begin(_request())
     assert isinstance(answer, Answer)
     assert not answer.done
@@ -62,16 +69,9 @@ async def test_a_handler_that_waits_runs_on_in_its_own_task() -> None:
 
 async def test_watchers_see_the_final_reply_only_once_it_is_stored(tmp_path: Path) -> None:
     """Whoever sends the final reply on sends an answer that survives a restart."""
-    handlers = Handlers()
     gate = asyncio.Event()
-
-    @handlers.on("work")
-    async def work(msg: sigwire.Message) -> bytes:
-        await gate.wait()
-        return b"stored"
-
     store = SqliteStore(tmp_path / "agent.db")
-    dispatcher = _dispatcher(handlers, store)
+    dispatcher = _dispatcher(_gated(gate, b"stored"), store)
     request = _request()
     answer = dispatcher.begin(request)
     assert isinstance(answer, Answer)
@@ -94,17 +94,9 @@ async def test_watchers_see_the_final_reply_only_once_it_is_stored(tmp_path: Pat
 
 async def test_a_duplicate_follows_the_running_answer_without_running_the_handler() -> None:
     """The same envelope again, while its handler waits, gets the same entry."""
-    handlers = Handlers()
     gate = asyncio.Event()
     runs: list[bytes] = []
-
-    @handlers.on("work")
-    async def work(msg: sigwire.Message) -> bytes:
-        runs.append(msg.payload)
-        await gate.wait()
-        return b"once"
-
-    dispatcher = _dispatcher(handlers)
+    dispatcher = _dispatcher(_gated(gate, b"once", runs))
     request = _request()
     first = dispatcher.begin(request)
     again = dispatcher.begin(request)

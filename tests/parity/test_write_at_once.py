@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -45,8 +46,9 @@ async def agent(server_identity: sigwire.Identity) -> AsyncIterator[tuple[sigwir
         await server.stop(grace=0)
 
 
-def _url(server: sigwire.Server, transport: str) -> str:
-    return server.urls[TRANSPORTS.index(transport)]
+def _connect(server: sigwire.Server, transport: str, identity: sigwire.Identity) -> Any:
+    url = server.urls[TRANSPORTS.index(transport)]
+    return sigwire.connect(url, identity=identity, learn_endpoints=False)
 
 
 async def test_a_caller_cancelled_during_its_write_leaves_the_stream_up(
@@ -56,9 +58,7 @@ async def test_a_caller_cancelled_during_its_write_leaves_the_stream_up(
     server, seen = agent
     async with (
         asyncio.timeout(TIMEOUT),
-        sigwire.connect(
-            _url(server, transport), identity=client_identity, learn_endpoints=False
-        ) as peer,
+        _connect(server, transport, client_identity) as peer,
     ):
         for i in range(20):
             task = asyncio.create_task(peer.request("note", b"cancelled %d" % i))
@@ -80,9 +80,7 @@ async def test_requests_sent_together_arrive_in_order_and_batched(
     payloads = [b"%d" % i for i in range(40)]
     async with (
         asyncio.timeout(TIMEOUT),
-        sigwire.connect(
-            _url(server, transport), identity=client_identity, learn_endpoints=False
-        ) as peer,
+        _connect(server, transport, client_identity) as peer,
     ):
         await peer.request("note", b"warm-up")
         seen.clear()
@@ -118,9 +116,7 @@ async def test_one_request_at_a_time_costs_one_frame_each_way(
 
     async with (
         asyncio.timeout(TIMEOUT),
-        sigwire.connect(
-            _url(server, transport), identity=client_identity, learn_endpoints=False
-        ) as peer,
+        _connect(server, transport, client_identity) as peer,
     ):
         await peer.request("note", b"warm-up")
         monkeypatch.setattr(sigwire.session.Session, "_flush", counting)
