@@ -768,6 +768,10 @@ class Session:
             answering.index = 0
         if self._answering is not None:
             self._answering.discard(answering)
+        if self._stalled and answering in self._stalled:
+            # (Cannot happen while room frees only through _resume_stalled;
+            # an answer must never be served twice should that change.)
+            self._stalled.remove(answering)
         self._served()
 
     def _served(self) -> None:

@@ -14,12 +14,13 @@ import contextvars
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
 import grpc.aio
 import pytest
 
 import sigwire
 from sigwire import _proto
+from sigwire.dispatch import Dispatcher, Handlers
+from sigwire.session import Session, SessionOptions
 from tests.conftest import TIMEOUT
 from tests.servers import LOCAL
 
@@ -135,36 +136,54 @@ async def test_a_handler_never_starts_in_another_handlers_context(
     assert started == [("A", "-"), ("B", "-"), ("C", "-")]
 
 
+class _NeverRead:
+    """A FrameStream to a peer that sends frames but never reads: every write blocks."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.get_running_loop().create_future()
+
+    async def recv(self) -> bytes | None:
+        return await self.inbox.get()
+
+    async def close(self, reason: str = "", message: str = "") -> None:
+        self.inbox.put_nowait(None)
+
+
 async def test_a_peer_flooding_refused_envelopes_without_reading_is_cut_off(
-    server: sigwire.Server, client_identity: sigwire.Identity
+    server_identity: sigwire.Identity, client_identity: sigwire.Identity
 ) -> None:
-    """Refusals wait for room like any reply: the flood ends in OVERLOADED, memory bounded."""
-    address = server.urls[0].removeprefix("grpc://")
-    async with asyncio.timeout(TIMEOUT), grpc.aio.insecure_channel(address) as channel:
-        call = channel.stream_stream(SERVICE + "Connect")()
-        sent = await _flood_until_refused(call, client_identity)
-        call.cancel()
-    async with asyncio.timeout(TIMEOUT):
-        while server._all_sessions:  # noqa: ASYNC110 (the server's own set of live streams)
-            await asyncio.sleep(0.01)
-    window = server.session_options.window
-    assert sent <= 100 * window, f"{sent} refused envelopes accepted from a peer that never reads"
-
-
-async def _flood_until_refused(call: object, identity: sigwire.Identity) -> int:
-    """Write frames of 100 misdirected envelopes, never reading; how many went before a failure."""
+    """Refusals wait for room like any reply: the flood ends in OVERLOADED, the queue bounded."""
+    window = 8
+    dispatcher = Dispatcher(server_identity, Handlers(), limits=sigwire.Limits(rate=None))
+    stream = _NeverRead()
+    session = Session(
+        stream, dispatcher, on_reply=lambda reply, ok: None, options=SessionOptions(window=window)
+    )
+    running = asyncio.create_task(session.run())
     sent = 0
-    for sequence in range(1, 1000):
-        frame = pb.Frame(sequence=sequence)
-        for _ in range(100):
-            # Misdirected: refused before any signature check, no key needed.
-            envelope = sigwire.Envelope.new(
-                "echo", b"", sender=identity.did, recipient="did:key:zSomeoneElse"
-            )
-            _proto.add_envelope(frame.envelopes.envelopes, envelope)
-        try:
-            await asyncio.wait_for(call.write(frame.SerializeToString()), TIMEOUT)  # type: ignore[attr-defined]
-        except grpc.aio.AioRpcError:
-            return sent
-        sent += 100
-    raise AssertionError(f"the server took {sent} refused envelopes and never cut the peer off")
+    async with asyncio.timeout(TIMEOUT):
+        for sequence in range(1, 200):
+            frame = pb.Frame(sequence=sequence)
+            for _ in range(16):
+                # Misdirected: refused before any signature check, no key needed.
+                envelope = sigwire.Envelope.new(
+                    "echo", b"", sender=client_identity.did, recipient="did:key:zSomeoneElse"
+                )
+                _proto.add_envelope(frame.envelopes.envelopes, envelope)
+            stream.inbox.put_nowait(frame.SerializeToString())
+            sent += 16
+            for _ in range(5):
+                await asyncio.sleep(0)
+            if session.error is not None:
+                break
+        assert session.error is not None, f"{sent} refused envelopes and the peer is still on"
+        assert session.error.reason == "OVERLOADED"
+        assert session._queue.qsize() <= 4 * window + 2
+        # What the server read before it stopped reading (frames still queued
+        # here were never taken): a few windows' worth, not the whole flood.
+        taken = sent - 16 * stream.inbox.qsize()
+        assert taken <= 16 * window, f"cut off only after reading {taken} envelopes"
+        await running
