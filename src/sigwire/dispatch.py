@@ -572,9 +572,8 @@ class Dispatcher:
         *,
         unary: bool = False,
         authenticated: bool = False,
-        sign: bool = True,
     ) -> AsyncIterator[Reply]:
-        """Run the whole pipeline on one envelope and yield its replies.
+        """Run the whole pipeline on one envelope and yield its signed replies.
 
         Args:
             envelope: The decoded inbound envelope.
@@ -584,21 +583,18 @@ class Dispatcher:
                 every check, so that unauthenticated callers learn nothing.
             authenticated: The caller already verified this very envelope's
                 signature (a stream verifies a frame's envelopes in one batch).
-            sign: Sign each reply (else the caller signs them).
 
         Raises:
             SigwireError: A rejection before the handler (see :meth:`admit`).
         """
         started = self.begin(envelope, session, unary=unary, authenticated=authenticated)
         if isinstance(started, Reply):
-            yield self.identity.sign_reply(started) if sign else started
+            yield self.identity.sign_reply(started)
             return
         digest = envelope.digest()
         async for reply in started.follow():
             reply = self.restate(reply, digest)
-            if sign and reply.signature is None:
-                reply = self.identity.sign_reply(reply)
-            yield reply
+            yield reply if reply.signature is not None else self.identity.sign_reply(reply)
         if not finished(started):
             raise HandlerCancelledError("the handler was cancelled before it answered")
 

@@ -69,12 +69,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _str(parts: list[bytes], text: str) -> None:
-    raw = text.encode()
-    parts.append(_U32.pack(len(raw)))
-    parts.append(raw)
-
-
 def _bytes(parts: list[bytes], raw: bytes) -> None:
     parts.append(_U32.pack(len(raw)))
     parts.append(raw)
@@ -99,7 +93,7 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _strs(parts: list[bytes], texts: Iterable[str]) -> None:
-    # _str over several fields, the hot path of every signing input: an empty
+    # ``str`` of each field, the hot path of every signing input: an empty
     # field (most optional ones) costs one constant append.
     pack = _U32.pack
     append = parts.append
@@ -476,8 +470,8 @@ class Reply:
         return b"".join(parts)
 
 
-_ENVELOPE_PREFIX = _U32.pack(len(ENVELOPE_DOMAIN)) + ENVELOPE_DOMAIN.encode()
-_REPLY_PREFIX = _U32.pack(len(REPLY_DOMAIN)) + REPLY_DOMAIN.encode()
+_ENVELOPE_PREFIX = _encode_run((ENVELOPE_DOMAIN,))
+_REPLY_PREFIX = _encode_run((REPLY_DOMAIN,))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -509,16 +503,13 @@ class AgentCard:
         if self.signature is not None:
             signer, algorithm = self.signature.signer, self.signature.algorithm
         parts: list[bytes] = []
-        _str(parts, CARD_DOMAIN)
-        _str(parts, self.did)
-        _str(parts, self.name)
+        _strs(parts, (CARD_DOMAIN, self.did, self.name))
         _list(parts, self.endpoints)
         _list(parts, self.kinds)
         parts.append(_U64.pack(self.max_message_size))
-        _str(parts, self.protocol_version)
+        _strs(parts, (self.protocol_version,))
         parts.append(_I64.pack(self.created_at_ms))
-        _str(parts, algorithm)
-        _str(parts, self.did if signer is None else signer)
+        _strs(parts, (algorithm, self.did if signer is None else signer))
         return b"".join(parts)
 
 

@@ -436,20 +436,6 @@ class Session:
         await self._credit.acquire()
         self._send(envelope)
 
-    async def send_reply(self, reply: Reply) -> None:
-        """Queue a reply (signed, or to be signed by the writer), waiting for room.
-
-        Replies take no window credit from the peer: they answer envelopes
-        that already did, and waiting on the peer's acks for them could
-        deadlock two peers that both request heavily. They wait only for this
-        side's own writer, which never depends on the peer's acks.
-        """
-        # Bounded all the same: a peer that stops reading stalls the writer, the
-        # handlers' replies wait here, no new envelope starts, and a peer that
-        # keeps sending beyond its window is cut off.
-        await self._reply_room.acquire()
-        self._send(reply)
-
     def send_goaway(self, reason: str, message: str, grace_ms: int) -> None:
         """Tell the peer to send nothing new on this stream."""
         frame = pb.Frame(goaway=pb.GoAway(reason=reason, message=message, grace_ms=grace_ms))
@@ -705,15 +691,12 @@ class Session:
             started = dispatcher.begin(
                 envelope, self, authenticated=authenticated, context=self._context
             )
-        except ShuttingDownError as exc:
-            # Refused while draining: the peer must hear it, not wait for a
-            # reply that never comes.
-            self._answer(envelope, _answered(dispatcher.error_reply(envelope, exc)))
-            return
-        except ConnectionClosedError:
-            self._served()
-            return
         except SigwireError as exc:
+            if isinstance(exc, ConnectionClosedError) and not isinstance(exc, ShuttingDownError):
+                self._served()
+                return
+            # Refused (draining included: the peer must hear it, not wait for
+            # a reply that never comes).
             self._answer(envelope, _answered(dispatcher.error_reply(envelope, exc)))
             return
         except Exception:
@@ -740,7 +723,13 @@ class Session:
 
     def _follow(self, answering: _Answering) -> None:
         # Queue the replies the answer has gained since last time, while there
-        # is room (the writer calls again once it has made some).
+        # is room (the writer calls again once it has made some). Replies take
+        # no window credit from the peer: they answer envelopes that already
+        # did, and waiting on the peer's acks for them could deadlock two peers
+        # that both request heavily. They are bounded all the same: a peer that
+        # stops reading stalls the writer, replies stall here holding their
+        # envelopes' slots, no new envelope starts, and a peer that keeps
+        # sending beyond its window is cut off.
         while True:
             entry = answering.entry
             replies = entry.replies
