@@ -80,22 +80,25 @@ def merkle_tree(leaves: Sequence[bytes]) -> tuple[bytes, list[tuple[bytes, ...]]
     if not 0 < len(leaves) <= MAX_BATCH_SIZE:
         raise BatchProofError(f"a batch holds 1..{MAX_BATCH_SIZE} messages, not {len(leaves)}")
     paths: list[list[bytes]] = [[] for _ in leaves]
-
-    def build(lo: int, hi: int) -> bytes:
-        if hi - lo == 1:
-            return leaves[lo]
-        # The left subtree holds the largest power of two below the count.
-        split = lo + (1 << ((hi - lo - 1).bit_length() - 1))
-        left = build(lo, split)
-        right = build(split, hi)
-        for i in range(lo, split):
-            paths[i].append(right)
-        for i in range(split, hi):
-            paths[i].append(left)
-        return _node(left, right)
-
-    root = build(0, len(leaves))
+    root = _build(leaves, paths, 0, len(leaves))
     return root, [tuple(path) for path in paths]
+
+
+def _build(leaves: Sequence[bytes], paths: list[list[bytes]], lo: int, hi: int) -> bytes:
+    # A module function, not a closure: a recursive closure is a reference
+    # cycle that keeps every frame's paths alive until the garbage collector
+    # runs, and makes it run more often.
+    if hi - lo == 1:
+        return leaves[lo]
+    # The left subtree holds the largest power of two below the count.
+    split = lo + (1 << ((hi - lo - 1).bit_length() - 1))
+    left = _build(leaves, paths, lo, split)
+    right = _build(leaves, paths, split, hi)
+    for i in range(lo, split):
+        paths[i].append(right)
+    for i in range(split, hi):
+        paths[i].append(left)
+    return _node(left, right)
 
 
 def root_from_proof(leaf: bytes, proof: BatchProof) -> bytes:

@@ -462,19 +462,28 @@ class Verifier:
         distinct (signer, signature, signed root). A False tells the caller to
         run the full check for its specific error.
         """
-        results = []
+        results: list[bool] = []
         done: dict[tuple[str, bytes, bytes], bool] = {}
-        for signature, author, signing_input in items:
-            try:
-                key, value, data = _prepare(signature, author, signing_input)
-            except SigwireError:
-                results.append(False)
-                continue
-            seen = (author, value, data)
-            ok = done.get(seen)
-            if ok is None:
-                ok = done[seen] = _verifies(key, value, data)
-            results.append(ok)
+        start = 0
+        while start < len(items):
+            whole = _whole_batch(items, start)
+            prepared: tuple[Ed25519PublicKey, bytes, bytes] | None
+            if whole is not None:
+                size, prepared = whole
+            else:
+                size = 1
+                try:
+                    prepared = _prepare(*items[start])
+                except SigwireError:
+                    prepared = None
+            ok = False
+            if prepared is not None:
+                key, value, data = prepared
+                seen = (items[start][1], value, data)
+                found = done.get(seen)
+                ok = done[seen] = _verifies(key, value, data) if found is None else found
+            results += [ok] * size
+            start += size
         return results
 
     def authenticate(self, envelope: Envelope) -> None:
@@ -653,6 +662,12 @@ def _prepare(
 ) -> tuple[Ed25519PublicKey, bytes, bytes]:
     # Every check but the Ed25519 one, in the order of docs/signing.md 6.1;
     # returns the key, the signature and the bytes it must cover.
+    key, signature = _checked_key(signature, author)
+    return key, signature.value, _signed_bytes(signature, signing_input)
+
+
+def _checked_key(signature: Signature | None, author: str) -> tuple[Ed25519PublicKey, Signature]:
+    # The checks of _prepare that do not depend on the signed bytes.
     if signature is None or not signature.value:
         raise SignatureMissingError("the message is not signed")
     if signature.algorithm != ED25519:
@@ -661,8 +676,52 @@ def _prepare(
         raise InvalidSignatureError("the signer is not the message's author")
     if len(signature.value) != _SIGNATURE_LENGTH:
         raise InvalidSignatureError(f"an Ed25519 signature is 64 bytes, not {len(signature.value)}")
-    key = _resolve(author)
-    return key, signature.value, _signed_bytes(signature, signing_input)
+    return _resolve(author), signature
+
+
+def _whole_batch(
+    items: Sequence[tuple[Signature | None, str, bytes]], start: int
+) -> tuple[int, tuple[Ed25519PublicKey, bytes, bytes] | None] | None:
+    # A writer signs what one frame carries as one batch, in order, so the
+    # messages from ``start`` are often a whole batch: leaves 0..size-1 under
+    # one signature. Then the tree is rebuilt once (about one hash per message)
+    # instead of a root per message from its own proof (one per tree level),
+    # and every message's proof must equal the rebuilt tree's path for it:
+    # exactly when each proof alone would lead to that root. Anything else
+    # (None) is checked message by message. Returns the batch's size and
+    # what _prepare would (None if a check failed: all of them fail).
+    first = items[start][0]
+    if first is None or first.batch is None or first.batch.index != 0:
+        return None
+    size = first.batch.size
+    if not 1 < size <= len(items) - start:
+        return None
+    value, signer = first.value, first.signer
+    group = items[start : start + size]
+    for index, (signature, author, _) in enumerate(group):
+        if (
+            signature is None
+            or signature.value != value
+            or signature.signer != signer
+            or author != signer
+            or signature.algorithm != first.algorithm
+            or signature.batch is None
+            or signature.batch.index != index
+            or signature.batch.size != size
+        ):
+            return None
+    try:
+        root, paths = merkle_tree([leaf_hash(data) for _, _, data in group])
+    except BatchProofError:
+        return None
+    for (signature, _, _), path in zip(group, paths, strict=True):
+        if signature is None or signature.batch is None or signature.batch.path != path:
+            return None
+    try:
+        key, _ = _checked_key(first, signer)
+    except SigwireError:
+        return size, None
+    return size, (key, value, batch_signing_input(size, root, first.algorithm, signer))
 
 
 def _verifies(key: Ed25519PublicKey, value: bytes, data: bytes) -> bool:

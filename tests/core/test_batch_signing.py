@@ -201,6 +201,97 @@ def test_signatures_valid_interleaved_batches_still_once_each(
     assert len(verifications) == 2
 
 
+@pytest.mark.parametrize("n", SIZES)
+def test_a_whole_batch_rebuilds_its_tree_instead_of_each_root(
+    alice: Identity, n: int, verifications: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame that is one whole batch, in order, costs one tree and one Ed25519 check."""
+    roots: list[BatchProof] = []
+    real = signing.root_from_proof
+
+    def counting(leaf: bytes, proof: BatchProof) -> bytes:
+        roots.append(proof)
+        return real(leaf, proof)
+
+    monkeypatch.setattr(signing, "root_from_proof", counting)
+    signed = alice.sign_batch(_envelopes(alice, n))
+    assert Verifier.signatures_valid([_item(e) for e in signed]) == [True] * n
+    assert roots == []
+    assert len(verifications) == 1
+
+
+def _agrees(items: list[Envelope]) -> None:
+    expected = []
+    for message in items:
+        try:
+            _check(message)
+        except Exception:
+            expected.append(False)
+        else:
+            expected.append(True)
+    assert Verifier.signatures_valid([_item(m) for m in items]) == expected
+
+
+def _proof(message: Envelope) -> BatchProof:
+    assert message.signature is not None
+    assert message.signature.batch is not None
+    return message.signature.batch
+
+
+WHOLE_BATCH_MUTATIONS: dict[str, Callable[[list[Envelope], int], Envelope]] = {
+    "content": lambda b, i: dataclasses.replace(b[i], payload=b"forged"),
+    "path hash": lambda b, i: _with_proof(
+        b[i], dataclasses.replace(_proof(b[i]), path=(bytes(32), *_proof(b[i]).path[1:]))
+    ),
+    "path of a sibling": lambda b, i: _with_proof(
+        b[i], dataclasses.replace(_proof(b[i]), path=_proof(b[i - 1]).path)
+    ),
+    "shorter path": lambda b, i: _with_proof(
+        b[i], dataclasses.replace(_proof(b[i]), path=_proof(b[i]).path[:-1])
+    ),
+    "index": lambda b, i: _with_proof(
+        b[i], dataclasses.replace(_proof(b[i]), index=(i + 1) % len(b))
+    ),
+    "size": lambda b, i: _with_proof(b[i], dataclasses.replace(_proof(b[i]), size=len(b) + 1)),
+    "no proof": lambda b, i: _with_proof(b[i], None),
+    "value": lambda b, i: dataclasses.replace(
+        b[i], signature=dataclasses.replace(b[i].signature, value=bytes(64))
+    ),
+    "algorithm": lambda b, i: dataclasses.replace(
+        b[i], signature=dataclasses.replace(b[i].signature, algorithm="rsa")
+    ),
+    "unsigned": lambda b, i: dataclasses.replace(b[i], signature=None),
+    "swapped with a sibling": lambda b, i: b[i - 1],
+}
+
+
+@pytest.mark.parametrize("mutation", WHOLE_BATCH_MUTATIONS.values(), ids=WHOLE_BATCH_MUTATIONS)
+@pytest.mark.parametrize("at", [0, 4, 7])
+def test_a_changed_message_in_a_whole_batch_gets_the_per_message_answer(
+    alice: Identity, mutation: Callable[[list[Envelope], int], Envelope], at: int
+) -> None:
+    """Whatever one message of a whole batch has changed, each gets check_signature's answer."""
+    batch = alice.sign_batch(_envelopes(alice, 8))
+    items = list(batch)
+    items[at] = mutation(batch, at)
+    _agrees(items)
+
+
+def test_part_of_a_batch_or_a_batch_and_more_get_the_per_message_answer(
+    alice: Identity, bob: Identity
+) -> None:
+    """A frame holding part of a batch, or a batch between other messages, agrees too."""
+    one = alice.sign_batch(_envelopes(alice, 8, tag="one"))
+    two = alice.sign_batch(_envelopes(alice, 3, tag="two"))
+    single = alice.sign_envelope(_envelopes(alice, 1, tag="single")[0])
+    forged = dataclasses.replace(two[0], sender=bob.did)
+    _agrees(one[:5])
+    _agrees(one[3:])
+    _agrees([single, *two, *one, single])
+    _agrees([*one[:4], *two, *one[4:]])
+    _agrees([forged, *two[1:], *one])
+
+
 ENVELOPE_TAMPERING: dict[str, Callable[[Envelope], Envelope]] = {
     "payload": lambda e: dataclasses.replace(e, payload=e.payload + b"!"),
     "kind": lambda e: dataclasses.replace(e, kind="other"),
