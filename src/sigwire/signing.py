@@ -547,10 +547,12 @@ class Verifier:
         self.check_signature(card.signature, card.did, card.signing_input())
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Seen:
-    digest: bytes
-    expires_ms: int
+# A seen nonce: (content digest, expiry in ms). The garbage collector stops
+# tracking a tuple of a bytes and an int after its first collection, so a full
+# cache (a million entries by default) adds nothing to its scans; as many
+# small objects would each cost a visit, a pause of a good part of a second in
+# every full collection.
+_Seen = tuple[bytes, int]
 
 
 class ReplayGuard:
@@ -626,12 +628,12 @@ class ReplayGuard:
             self._expire(now)
             seen = self._seen.get(key)
             if seen is not None:
-                if seen.digest == digest:
+                if seen[0] == digest:
                     return False
                 raise ReplayError("nonce already used by another message from this sender")
             if len(self._seen) >= self.capacity:
                 raise OverloadedError("replay cache is full; try again shortly")
-            self._seen[key] = _Seen(digest, now + self.ttl_ms)
+            self._seen[key] = (digest, now + self.ttl_ms)
             return True
 
     def release(self, envelope: Envelope) -> None:
@@ -643,7 +645,7 @@ class ReplayGuard:
         key = _nonce_key(envelope.sender, envelope.nonce)
         with self._lock:
             seen = self._seen.get(key)
-            if seen is not None and seen.digest == _content_digest(envelope):
+            if seen is not None and seen[0] == _content_digest(envelope):
                 del self._seen[key]
 
     def _expire(self, now: int) -> None:
@@ -651,8 +653,7 @@ class ReplayGuard:
         # so expired entries are always at the front.
         seen = self._seen
         while seen:
-            first = next(iter(seen.values()))
-            if first.expires_ms > now:
+            if next(iter(seen.values()))[1] > now:
                 break
             seen.popitem(last=False)
 

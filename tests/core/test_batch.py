@@ -7,7 +7,6 @@ recursive) and shares no code with :mod:`sigwire.batch`.
 from __future__ import annotations
 
 import gc
-
 import hashlib
 import struct
 

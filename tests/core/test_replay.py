@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import os
 import random
 import threading
@@ -358,3 +359,21 @@ def test_a_renewed_envelope_is_a_fresh_request_under_the_same_id(alice: Identity
     assert resigned.digest() != first.digest()
     assert guard.check_and_mark(first) is True
     assert guard.check_and_mark(resigned) is True
+
+
+def test_remembered_nonces_cost_the_garbage_collector_nothing(
+    guard: ReplayGuard, make: Callable[..., Envelope]
+) -> None:
+    """After a collection, a thousand remembered nonces leave no object for the collector to scan.
+
+    (The cache holds up to a million entries; tracked ones would each be
+    visited in every full collection, a pause of a good part of a second.)
+    """
+    envelopes = [make(n) for n in range(1000)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for envelope in envelopes:
+        assert guard.check_and_mark(envelope, now=T0)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 50
+    assert guard.check_and_mark(envelopes[10], now=T0) is False  # still remembered
