@@ -11,9 +11,11 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "instructions"
 
 
-@pytest.mark.parametrize("mode", ["requests", "crypto"])
+@pytest.mark.parametrize(
+    "mode", ["requests", "crypto", "stream-memory", "stream-grpc", "stream-ws"]
+)
 def test_the_counted_workloads_run(mode: str) -> None:
-    """Both workloads (signed requests over memory://, Ed25519 alone) finish cleanly."""
+    """Every workload (requests, Ed25519 alone, pipelined over each transport) finishes cleanly."""
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--run", mode, "5"],
         capture_output=True,
