@@ -16,17 +16,20 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
 from sigwire.errors import SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
-from sigwire.signing import Identity
+from sigwire.signing import Identity, ReplayGuard
 from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import TlsClientConfig
 
-__all__ = ["build_parser", "main"]
+if TYPE_CHECKING:
+    from sigwire.server import Server
+
+__all__ = ["build_parser", "build_server", "main"]
 
 log = logging.getLogger("sigwire.cli")
 
@@ -64,7 +67,8 @@ def _load_app(spec: str) -> Callable[[Any], None]:
     return target  # type: ignore[no-any-return]
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def build_server(args: argparse.Namespace) -> Server:
+    """The Server that ``sigwire serve ARGS`` runs, handlers included (not started)."""
     from sigwire.demo import add_builtin_handlers
     from sigwire.server import Server
     from sigwire.transports.base import TlsServerConfig
@@ -82,11 +86,17 @@ async def _serve(args: argparse.Namespace) -> int:
         limits=Limits(max_message_size=args.max_message_size),
         tls=tls,
         store=args.store,
+        replay_guard=ReplayGuard(capacity=args.replay_capacity),
     )
     if args.app:
         _load_app(args.app)(server)
     else:
         add_builtin_handlers(server)
+    return server
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    server = build_server(args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -194,6 +204,16 @@ async def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-did", help="refuse the agent unless it is this DID")
     parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
@@ -242,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-ca", help="PEM CA: require client certificates (mTLS)")
     serve.add_argument(
         "--max-message-size", type=int, default=Limits().max_message_size, metavar="BYTES"
+    )
+    serve.add_argument(
+        "--replay-capacity",
+        type=_positive,
+        default=ReplayGuard().capacity,
+        metavar="N",
+        help=(
+            "nonces the replay guard remembers, about 250 bytes each (default %(default)s); "
+            "beyond N/660 new envelopes per second it forgets the oldest and refuses "
+            "envelopes created before them: the replay window shrinks to about N/rate seconds"
+        ),
     )
     serve.add_argument(
         "--app",

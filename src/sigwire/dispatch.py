@@ -413,6 +413,7 @@ class Dispatcher:
             TokenBuckets(self.limits.rate, self.limits.burst) if self.limits.rate else None
         )
         self.accepting = True
+        self._said_guard_full = False
         self._running: set[asyncio.Task[None]] = set()
         self.handled = 0
 
@@ -439,7 +440,17 @@ class Dispatcher:
         # Trust before the nonce cache: senders we refuse cannot fill it.
         if envelope.signature is not None or self.verifier.require_signatures:
             self.verifier.admit(envelope.sender)
-        return self.guard.check_and_mark(envelope)
+        guard = self.guard
+        fresh = guard.check_and_mark(envelope)
+        if guard.forgotten and not self._said_guard_full:
+            self._said_guard_full = True
+            log.warning(
+                "the replay guard is full (%d nonces): it forgets the oldest and refuses "
+                "envelopes no newer than them, a shorter window; raise its capacity "
+                "(sigwire serve --replay-capacity) to keep the whole window under this load",
+                guard.capacity,
+            )
+        return fresh
 
     def begin(
         self,

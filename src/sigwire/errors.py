@@ -258,20 +258,34 @@ class ReplayError(SigningError):
 
 
 class StaleMessageError(ReplayError):
-    """A timestamp outside the receiver's replay window (too old or in the future)."""
+    """A timestamp outside the receiver's replay window (too old or in the future).
+
+    ``floor_ms`` is set when the timestamp is inside the window but at or
+    before the floor of a replay guard that had to forget nonces to make room.
+    """
 
     default_reason = "TIMESTAMP_OUT_OF_WINDOW"
 
-    def __init__(self, skew_ms: int) -> None:
-        when = "old" if skew_ms < 0 else "far in the future"
-        super().__init__(
-            f"message timestamp is {abs(skew_ms)} ms {when}, outside the replay window",
-            details={"skew_ms": str(skew_ms)},
-        )
+    def __init__(self, skew_ms: int, *, floor_ms: int | None = None) -> None:
+        if floor_ms is not None:
+            # Inside the window, but older than what a full replay guard remembers.
+            message = (
+                f"message timestamp is {abs(skew_ms)} ms old, at or before {floor_ms}, "
+                "the oldest the receiver's replay guard still remembers under load"
+            )
+            details = {"skew_ms": str(skew_ms), "floor_ms": str(floor_ms)}
+        else:
+            when = "old" if skew_ms < 0 else "far in the future"
+            message = f"message timestamp is {abs(skew_ms)} ms {when}, outside the replay window"
+            details = {"skew_ms": str(skew_ms)}
+        super().__init__(message, details=details)
         self.skew_ms = skew_ms
+        self.floor_ms = floor_ms
 
     def _restore_from_details(self) -> None:
         self.skew_ms = _int(self.details.get("skew_ms"))
+        floor = self.details.get("floor_ms")
+        self.floor_ms = _int(floor) if floor is not None else None
 
 
 class KindUnknownError(SigwireError):

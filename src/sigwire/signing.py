@@ -42,7 +42,6 @@ from sigwire.errors import (
     InvalidDidError,
     InvalidSignatureError,
     KeyFileError,
-    OverloadedError,
     ReplayError,
     SignatureMissingError,
     SigwireError,
@@ -547,12 +546,12 @@ class Verifier:
         self.check_signature(card.signature, card.did, card.signing_input())
 
 
-# A seen nonce: (content digest, expiry in ms). The garbage collector stops
-# tracking a tuple of a bytes and an int after its first collection, so a full
-# cache (a million entries by default) adds nothing to its scans; as many
-# small objects would each cost a visit, a pause of a good part of a second in
-# every full collection.
-_Seen = tuple[bytes, int]
+# A seen nonce: (content digest, expiry in ms, the envelope's created_at_ms).
+# The garbage collector stops tracking a tuple of a bytes and ints after its
+# first collection, so a full cache (a million entries by default) adds
+# nothing to its scans; as many small objects would each cost a visit, a pause
+# of a good part of a second in every full collection.
+_Seen = tuple[bytes, int, int]
 
 
 class ReplayGuard:
@@ -568,8 +567,15 @@ class ReplayGuard:
     :meth:`check_and_mark` is ONE atomic step under a lock, so concurrent
     callers (threads included) can never both see the same nonce as fresh.
 
-    When the cache holds ``capacity`` unexpired entries it refuses new
-    envelopes (fail closed) rather than forget nonces that are still live.
+    When the cache holds ``capacity`` unexpired entries, a new envelope makes
+    it forget the entry recorded first, and the guard's *floor* rises to that
+    envelope's ``created_at_ms``: from then on, an envelope created at or
+    before the floor that the cache does not hold is refused, since it could
+    be a replay of a forgotten one. The floor follows the forgotten envelopes'
+    own timestamps, not the clock, so no clock step can reopen them. A server
+    receiving more than ``capacity / ttl`` new envelopes per second thus keeps
+    serving, with a past window shrunk to about ``capacity / rate`` seconds,
+    instead of refusing everything (docs/signing.md section 8).
 
     Args:
         past_ms: How old an envelope may be. Default 5 minutes.
@@ -595,6 +601,11 @@ class ReplayGuard:
         self.past_ms = past_ms
         self.future_ms = future_ms
         self.capacity = capacity
+        #: Envelopes created at or before this (Unix ms) and not in the cache
+        #: are refused; None until the cache first overflows.
+        self.floor_ms: int | None = None
+        #: Live entries forgotten to make room, since the guard was made.
+        self.forgotten = 0
         self._seen: collections.OrderedDict[bytes, _Seen] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -616,24 +627,34 @@ class ReplayGuard:
             already seen.
 
         Raises:
-            StaleMessageError: Timestamp outside the window.
+            StaleMessageError: Timestamp outside the window, or at or before
+                the floor (``details["floor_ms"]`` then says where it is).
             ReplayError: The nonce was seen with different content.
-            OverloadedError: The cache is full of live nonces.
         """
         now = now_ms() if now is None else now
-        self.check_window(envelope.created_at_ms, now)
+        created = envelope.created_at_ms
+        self.check_window(created, now)
         key = _nonce_key(envelope.sender, envelope.nonce)
         digest = _content_digest(envelope)
         with self._lock:
+            seen = self._seen
             self._expire(now)
-            seen = self._seen.get(key)
-            if seen is not None:
-                if seen[0] == digest:
+            known = seen.get(key)
+            if known is not None:
+                if known[0] == digest:
                     return False
                 raise ReplayError("nonce already used by another message from this sender")
-            if len(self._seen) >= self.capacity:
-                raise OverloadedError("replay cache is full; try again shortly")
-            self._seen[key] = (digest, now + self.ttl_ms)
+            floor = self.floor_ms
+            if floor is not None and created <= floor:
+                raise StaleMessageError(created - now, floor_ms=floor)
+            if len(seen) >= self.capacity:
+                # Full of live nonces: forget the oldest, and refuse from now on
+                # whatever was created no later than it (it could be that one).
+                forgotten = seen.popitem(last=False)[1][2]
+                if floor is None or forgotten > floor:
+                    self.floor_ms = forgotten
+                self.forgotten += 1
+            seen[key] = (digest, now + self.ttl_ms, created)
             return True
 
     def release(self, envelope: Envelope) -> None:

@@ -213,3 +213,46 @@ def test_loop_choice() -> None:
     assert cli._loop_factory("auto") is uvloop.new_event_loop
     assert cli._loop_factory("uvloop") is uvloop.new_event_loop
     assert cli._loop_factory("asyncio") is None
+
+
+def test_serve_replay_capacity_reaches_the_replay_guard(tmp_path: Path) -> None:
+    """--replay-capacity N is the capacity of the served dispatcher's guard (default 1,000,000)."""
+    key = tmp_path / "server.pem"
+    Identity.generate().save(key)
+    parser = cli.build_parser()
+    default = cli.build_server(parser.parse_args(["serve", "--key", str(key)]))
+    assert default.dispatcher.guard.capacity == 1_000_000
+    sized = cli.build_server(
+        parser.parse_args(["serve", "--key", str(key), "--replay-capacity", "4"])
+    )
+    assert sized.dispatcher.guard.capacity == 4
+
+
+def test_serve_keeps_answering_beyond_its_replay_capacity(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A served agent whose nonce cache is full forgets the oldest nonces and goes on.
+
+    Each `sigwire send` spends two nonces (its connection's signed hello and its
+    request): with room for two, every send after the first overflows the cache.
+    """
+    key = tmp_path / "server.pem"
+    Identity.generate().save(key)
+    port = _free_port()
+    with _serving(key, "--grpc", f"127.0.0.1:{port}", "--replay-capacity", "2", env=env) as proc:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        url = proc.stdout.readline().split()[-1]
+        for n in range(3):
+            sent = _sigwire("send", url, "echo", "--data", f"m{n}", env=env)
+            assert sent.returncode == 0, sent.stderr
+            assert sent.stdout == f"m{n}"
+        assert proc.poll() is None
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_serve_refuses_a_replay_capacity_below_one(value: str, env: dict[str, str]) -> None:
+    """A capacity that is not a positive whole number is a usage error (exit 2), not a crash."""
+    result = _sigwire("serve", "--replay-capacity", value, env=env)
+    assert result.returncode == 2
+    assert "--replay-capacity" in result.stderr

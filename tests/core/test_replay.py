@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sigwire.envelope import Envelope
-from sigwire.errors import OverloadedError, ReplayError, StaleMessageError
+from sigwire.errors import ReplayError, StaleMessageError
 from sigwire.signing import Identity, ReplayGuard
 from tests.conftest import TIMEOUT
 
@@ -187,39 +187,104 @@ def test_nonce_is_remembered_until_ttl(guard: ReplayGuard, make: Callable[..., E
     assert len(guard) == 1
 
 
-def test_full_cache_of_live_entries_refuses_new_envelopes(
+def test_a_full_cache_forgets_its_oldest_and_refuses_what_is_no_newer(
     make: Callable[..., Envelope],
 ) -> None:
-    """At capacity with live entries, a new envelope raises OverloadedError (fail closed)."""
+    """At capacity, a newcomer is accepted: the oldest entry goes, and the floor rises to it.
+
+    Whatever was created at or before the floor and is not remembered could be
+    the forgotten envelope again: refused as stale, with the floor in the details.
+    """
     guard = ReplayGuard(capacity=3)
+    now = T0 + 10
     for n in range(3):
-        assert guard.check_and_mark(make(n), now=T0)
-    with pytest.raises(OverloadedError) as info:
-        guard.check_and_mark(make(3), now=T0 + 1)
-    assert info.value.reason == "OVERLOADED"
-    assert len(guard) == 3
-    # A duplicate of a live entry is still recognised while full.
-    assert guard.check_and_mark(make(0), now=T0 + 2) is False
-    with pytest.raises(ReplayError):
-        guard.check_and_mark(make(0, payload=b"x"), now=T0 + 2)
+        assert guard.check_and_mark(make(n, created_at_ms=T0 + n), now=now)
+    assert (guard.floor_ms, guard.forgotten) == (None, 0)
+    assert guard.check_and_mark(make(3, created_at_ms=T0 + 3), now=now + 1)
+    assert (len(guard), guard.floor_ms, guard.forgotten) == (3, T0, 1)
+    with pytest.raises(StaleMessageError) as info:
+        guard.check_and_mark(make(0, created_at_ms=T0), now=now + 2)  # the forgotten one
+    assert info.value.reason == "TIMESTAMP_OUT_OF_WINDOW"
+    assert info.value.details == {"skew_ms": str(-(10 + 2)), "floor_ms": str(T0)}
+    assert info.value.floor_ms == T0
+    with pytest.raises(StaleMessageError):
+        guard.check_and_mark(make(9, created_at_ms=T0), now=now + 2)  # new, but no newer
+    # Those still remembered are told apart exactly, floor or not.
+    assert guard.check_and_mark(make(1, created_at_ms=T0 + 1), now=now + 2) is False
+    with pytest.raises(ReplayError) as replay:
+        guard.check_and_mark(make(1, created_at_ms=T0 + 1, payload=b"x"), now=now + 2)
+    assert not isinstance(replay.value, StaleMessageError)
+    assert guard.check_and_mark(make(10, created_at_ms=T0 + 1), now=now + 2)  # newer: fresh
+    assert (len(guard), guard.floor_ms, guard.forgotten) == (3, T0 + 1, 2)
+
+
+def test_the_floor_follows_timestamps_not_the_clock(make: Callable[..., Envelope]) -> None:
+    """A clock stepped back cannot reopen a forgotten envelope; the floor never goes down."""
+    guard = ReplayGuard(capacity=2)
+    assert guard.check_and_mark(make(0, created_at_ms=T0 + 5), now=T0 + 5)
+    assert guard.check_and_mark(make(1, created_at_ms=T0 + 1), now=T0 + 6)
+    assert guard.check_and_mark(make(2, created_at_ms=T0 + 6), now=T0 + 7)  # forgets 0
+    assert guard.floor_ms == T0 + 5
+    assert guard.check_and_mark(make(3, created_at_ms=T0 + 7), now=T0 + 8)  # forgets 1
+    assert guard.floor_ms == T0 + 5  # 1 was older than the floor already
+    for stepped_back in (T0 + 8, T0 - 60_000, T0 - PAST_MS + 10):
+        for n, created in ((0, T0 + 5), (1, T0 + 1)):
+            with pytest.raises(StaleMessageError):
+                guard.check_and_mark(make(n, created_at_ms=created), now=stepped_back)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_no_envelope_is_ever_fresh_twice_whatever_the_capacity(
+    seed: int, make: Callable[..., Envelope]
+) -> None:
+    """Random arrivals, re-sends and reused nonces against small caches: an envelope's
+    first acceptance is its only one; anything new and newer than the floor is accepted."""
+    rng = random.Random(seed)
+    guard = ReplayGuard(capacity=rng.randint(1, 8))
+    sent: list[Envelope] = []
+    fresh: set[bytes] = set()
+    now = T0
+    for step in range(400):
+        now += rng.randint(0, 50)
+        choice = rng.random()
+        if sent and choice < 0.4:
+            envelope = rng.choice(sent)  # an exact re-send (a retry, or a replay)
+        elif sent and choice < 0.5:
+            old = rng.choice(sent)  # the same nonce, other content
+            envelope = make(
+                int.from_bytes(old.nonce, "big"), created_at_ms=old.created_at_ms, payload=b"x"
+            )
+        else:
+            envelope = make(10_000 + step, created_at_ms=now - rng.randint(0, 2_000))
+            sent.append(envelope)
+        floor, remembered = guard.floor_ms, len(guard)
+        try:
+            accepted = guard.check_and_mark(envelope, now=now)
+        except ReplayError:
+            accepted = False
+        digest = envelope.digest()
+        if accepted:
+            assert digest not in fresh, "an envelope was accepted twice"
+            fresh.add(digest)
+        elif digest not in fresh and (floor is None or envelope.created_at_ms > floor):
+            # Never accepted and newer than the floor: only a reused nonce is refused.
+            assert any(e.nonce == envelope.nonce and e.digest() in fresh for e in sent)
+        assert len(guard) <= guard.capacity
+        assert len(guard) >= min(remembered, guard.capacity - 1)
 
 
 def test_full_cache_evicts_expired_entries(make: Callable[..., Envelope]) -> None:
-    """Expired entries are evicted to make room; only live ones count against capacity."""
+    """Expired entries make room first; only live ones are ever forgotten (and raise the floor)."""
     guard = ReplayGuard(capacity=2)
     ttl = guard.ttl_ms
     assert guard.check_and_mark(make(0), now=T0)
     assert guard.check_and_mark(make(1, created_at_ms=T0 + 10), now=T0 + 10)
     late = T0 + ttl
-    with pytest.raises(OverloadedError):
-        guard.check_and_mark(make(2, created_at_ms=late), now=late - 1)
-    assert guard.check_and_mark(make(2, created_at_ms=late), now=late)  # evicts make(0)
-    assert len(guard) == 2
-    with pytest.raises(OverloadedError):
-        guard.check_and_mark(make(3, created_at_ms=late), now=late)
+    assert guard.check_and_mark(make(2, created_at_ms=late), now=late)  # expires make(0)
+    assert (len(guard), guard.forgotten, guard.floor_ms) == (2, 0, None)
     later = T0 + 10 + ttl
-    assert guard.check_and_mark(make(3, created_at_ms=later), now=later)  # evicts make(1)
-    assert len(guard) == 2
+    assert guard.check_and_mark(make(3, created_at_ms=later), now=later)  # expires make(1)
+    assert (len(guard), guard.forgotten, guard.floor_ms) == (2, 0, None)
 
 
 def test_all_expired_entries_are_evicted_at_once(make: Callable[..., Envelope]) -> None:

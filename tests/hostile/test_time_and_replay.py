@@ -222,3 +222,57 @@ async def test_refused_envelopes_leave_no_nonce_behind(
         await raw_unary(channel, "Send")(envelope_bytes(request))
     assert len(server.dispatcher.guard) == 1
     await assert_still_serves(server, identity=client_identity)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_a_full_nonce_cache_keeps_serving_and_refuses_what_it_forgot(
+    make_server: MakeServer,
+    open_channel: OpenChannel,
+    client_identity: sigwire.Identity,
+    probe: Probe,
+    transport: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Six times more envelopes than the nonce cache holds are all answered, each handler
+    run once; re-sending one it had to forget is refused as stale, with the floor. The
+    operator is told once, in the log."""
+    server = await make_server(replay_guard=sigwire.ReplayGuard(capacity=100))
+    guard = server.dispatcher.guard
+    channel = open_channel(server)
+    first = signed(client_identity, "echo", b"first", recipient=server.identity.did)
+    async with asyncio.timeout(TIMEOUT):
+        await raw_unary(channel, "Send")(envelope_bytes(first))
+    url = server.urls[0 if transport == "grpc" else 1]
+    async with asyncio.timeout(TIMEOUT):
+        async with sigwire.connect(
+            url, identity=client_identity, expect_did=server.identity.did, learn_endpoints=False
+        ) as peer:
+            for burst in range(30):  # 20 in flight: frames of several envelopes
+                payloads = [f"{burst}.{n}".encode() for n in range(20)]
+                replies = await asyncio.gather(
+                    *(peer.request("echo", p, timeout=TIMEOUT) for p in payloads)
+                )
+                assert [r.data for r in replies] == payloads
+    assert probe.calls["echo"] == 1 + 600
+    assert len(guard) == guard.capacity
+    assert guard.forgotten > 500
+    assert guard.floor_ms is not None
+    assert guard.floor_ms >= first.created_at_ms
+
+    failure = await send_refused(channel, envelope_bytes(first))
+    assert failure.info.reason == "TIMESTAMP_OUT_OF_WINDOW"
+    assert failure.code == Code.UNAUTHENTICATED
+    assert int(failure.info.metadata["floor_ms"]) == guard.floor_ms
+    assert int(failure.info.metadata["skew_ms"]) <= 0
+    async with asyncio.timeout(TIMEOUT):
+        async with ws_connect(server.urls[1], subprotocols=[PROTO]) as ws:
+            await ws.send(frame_bytes(1, first))
+            error = verified_error(await ws_reply(ws, first.id), first, server)
+    assert error.reason == "TIMESTAMP_OUT_OF_WINDOW"
+    assert error.details["floor_ms"] == str(guard.floor_ms)
+    assert probe.calls["echo"] == 1 + 600  # never run again
+    await assert_still_serves(server)
+    told = [r for r in caplog.records if "replay guard is full" in r.getMessage()]
+    assert len(told) == 1
+    assert told[0].levelname == "WARNING"
+    assert "--replay-capacity" in told[0].getMessage()
