@@ -276,3 +276,43 @@ async def test_a_full_nonce_cache_keeps_serving_and_refuses_what_it_forgot(
     assert len(told) == 1
     assert told[0].levelname == "WARNING"
     assert "--replay-capacity" in told[0].getMessage()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_a_replay_of_an_answer_long_since_packed_gets_it_unchanged(
+    server: sigwire.Server,
+    open_channel: OpenChannel,
+    client_identity: sigwire.Identity,
+    probe: Probe,
+    transport: str,
+) -> None:
+    """Two thousand answers later (the first one packed in the reply cache), replaying the
+    first envelope, or a re-signed retry of it, gets its answer without a second run."""
+    request = signed(client_identity, "echo", b"the first", recipient=server.identity.did)
+    send = raw_unary(open_channel(server), "Send")
+    async with asyncio.timeout(TIMEOUT):
+        original = _proto.decode_reply(await send(envelope_bytes(request)))
+        async with sigwire.connect(
+            server.urls[0 if transport == "grpc" else 1],
+            identity=client_identity,
+            expect_did=server.identity.did,
+            learn_endpoints=False,
+        ) as peer:
+            for _ in range(20):
+                await asyncio.gather(
+                    *(peer.request("echo", b"%d" % n, timeout=TIMEOUT) for n in range(100))
+                )
+    assert isinstance(server.dispatcher.cache._entries[(client_identity.did, request.id)], tuple)
+    async with asyncio.timeout(TIMEOUT):
+        if transport == "grpc":
+            again = _proto.decode_reply(await send(envelope_bytes(request)))
+        else:
+            async with ws_connect(server.urls[1], subprotocols=[PROTO]) as ws:
+                await ws.send(frame_bytes(1, request))
+                again = await ws_reply(ws, request.id)
+        retry = client_identity.sign_envelope(request.renewed())
+        resigned = _proto.decode_reply(await send(envelope_bytes(retry)))
+    assert again == original
+    assert resigned.data == original.data == b"the first"
+    sigwire.Verifier().verify_reply(resigned, retry, expected_responder=server.identity.did)
+    assert probe.calls["echo"] == 1 + 2000
