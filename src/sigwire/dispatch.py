@@ -37,6 +37,7 @@ from sigwire.errors import (
     ReplayError,
     ShuttingDownError,
     SigwireError,
+    StaleMessageError,
 )
 from sigwire.signing import Identity, ReplayGuard, Verifier
 from sigwire.store import SqliteStore
@@ -622,10 +623,22 @@ class Dispatcher:
         Raises:
             SigwireError: A rejection before the handler (see :meth:`admit`).
         """
-        fresh = self.admit(envelope, authenticated=authenticated)
+        key = (envelope.sender, envelope.id)
+        try:
+            fresh = self.admit(envelope, authenticated=authenticated)
+        except StaleMessageError as exc:
+            # Below the floor of a replay guard that let go of its nonce, but
+            # answered and still cached: most likely a client's own re-send
+            # after a reconnect. Answered as a duplicate: no handler runs again,
+            # so nothing is replayed, and work already done does not fail.
+            if exc.floor_ms is None or envelope.kind == HELLO_KIND:
+                raise
+            cached = self.cache.get(key)
+            if cached is None or cached.content not in (None, _content(envelope)):
+                raise
+            fresh = False
         if envelope.kind == HELLO_KIND:
             return self._hello(envelope, session, fresh)
-        key = (envelope.sender, envelope.id)
         entry = self.cache.get(key)
         if entry is not None and entry.content not in (None, _content(envelope)):
             # Same id, other request: its cached answer must not pass for this one's.

@@ -261,7 +261,8 @@ class StaleMessageError(ReplayError):
     """A timestamp outside the receiver's replay window (too old or in the future).
 
     ``floor_ms`` is set when the timestamp is inside the window but at or
-    before the floor of a replay guard that had to forget nonces to make room.
+    before the floor of a replay guard that let go of nonces (expired, or
+    forgotten to make room).
     """
 
     default_reason = "TIMESTAMP_OUT_OF_WINDOW"
@@ -270,8 +271,8 @@ class StaleMessageError(ReplayError):
         if floor_ms is not None:
             # Inside the window, but older than what a full replay guard remembers.
             message = (
-                f"message timestamp is {abs(skew_ms)} ms old, at or before {floor_ms}, "
-                "the oldest the receiver's replay guard still remembers under load"
+                f"message timestamp ({skew_ms} ms from the receiver's clock) is at or "
+                f"before {floor_ms}, the newest its replay guard no longer remembers"
             )
             details = {"skew_ms": str(skew_ms), "floor_ms": str(floor_ms)}
         else:

@@ -42,6 +42,7 @@ from sigwire.errors import (
     InvalidDidError,
     InvalidSignatureError,
     KeyFileError,
+    OverloadedError,
     ReplayError,
     SignatureMissingError,
     SigwireError,
@@ -567,15 +568,19 @@ class ReplayGuard:
     :meth:`check_and_mark` is ONE atomic step under a lock, so concurrent
     callers (threads included) can never both see the same nonce as fresh.
 
-    When the cache holds ``capacity`` unexpired entries, a new envelope makes
-    it forget the entry recorded first, and the guard's *floor* rises to that
-    envelope's ``created_at_ms``: from then on, an envelope created at or
-    before the floor that the cache does not hold is refused, since it could
-    be a replay of a forgotten one. The floor follows the forgotten envelopes'
-    own timestamps, not the clock, so no clock step can reopen them. A server
-    receiving more than ``capacity / ttl`` new envelopes per second thus keeps
-    serving, with a past window shrunk to about ``capacity / rate`` seconds,
-    instead of refusing everything (docs/signing.md section 8).
+    Every entry the guard lets go raises its *floor* to that envelope's
+    ``created_at_ms``, and an envelope created at or before the floor that
+    the cache does not hold is refused: it could be a replay of one let go.
+    The floor follows the envelopes' own timestamps, not the clock, so no
+    clock step reopens them. Entries go when they expire, and when the cache
+    holds ``capacity`` live entries a new envelope makes it forget the one
+    recorded first, provided that one was created at least ``future_ms``
+    before now (so that the floor stays that far behind the clock and never
+    refuses an envelope dated in the last ``future_ms``); otherwise the new
+    envelope is refused with OVERLOADED. A server receiving more than
+    ``capacity / ttl`` new envelopes per second thus keeps serving, with a
+    past window shrunk to about ``capacity / rate`` seconds, instead of
+    refusing everything (docs/signing.md section 8).
 
     Args:
         past_ms: How old an envelope may be. Default 5 minutes.
@@ -602,7 +607,7 @@ class ReplayGuard:
         self.future_ms = future_ms
         self.capacity = capacity
         #: Envelopes created at or before this (Unix ms) and not in the cache
-        #: are refused; None until the cache first overflows.
+        #: are refused; None until an entry first expires or is forgotten.
         self.floor_ms: int | None = None
         #: Live entries forgotten to make room, since the guard was made.
         self.forgotten = 0
@@ -630,6 +635,7 @@ class ReplayGuard:
             StaleMessageError: Timestamp outside the window, or at or before
                 the floor (``details["floor_ms"]`` then says where it is).
             ReplayError: The nonce was seen with different content.
+            OverloadedError: The cache is full of nonces too recent to forget.
         """
         now = now_ms() if now is None else now
         created = envelope.created_at_ms
@@ -650,9 +656,16 @@ class ReplayGuard:
             if len(seen) >= self.capacity:
                 # Full of live nonces: forget the oldest, and refuse from now on
                 # whatever was created no later than it (it could be that one).
-                forgotten = seen.popitem(last=False)[1][2]
-                if floor is None or forgotten > floor:
-                    self.floor_ms = forgotten
+                # Not one dated in the last future_ms: envelopes dated ahead
+                # would push the floor into the present and refuse everyone.
+                oldest = next(iter(seen.values()))[2]
+                if oldest > now - self.future_ms:
+                    raise OverloadedError(
+                        f"replay cache is full ({self.capacity} nonces, none older than "
+                        f"{self.future_ms} ms); try again shortly"
+                    )
+                seen.popitem(last=False)
+                self._raise_floor(oldest)
                 self.forgotten += 1
             seen[key] = (digest, now + self.ttl_ms, created)
             return True
@@ -669,14 +682,23 @@ class ReplayGuard:
             if seen is not None and seen[0] == _content_digest(envelope):
                 del self._seen[key]
 
+    def _raise_floor(self, created_at_ms: int) -> None:
+        floor = self.floor_ms
+        if floor is None or created_at_ms > floor:
+            self.floor_ms = created_at_ms
+
     def _expire(self, now: int) -> None:
         # Insertion order is expiry order (constant TTL, monotone enough clock),
-        # so expired entries are always at the front.
+        # so expired entries are always at the front. An expired envelope is
+        # older than the window allows, but a clock stepped back could make it
+        # acceptable again: the floor keeps it out whatever the clock does.
         seen = self._seen
         while seen:
-            if next(iter(seen.values()))[1] > now:
+            entry = next(iter(seen.values()))
+            if entry[1] > now:
                 break
             seen.popitem(last=False)
+            self._raise_floor(entry[2])
 
 
 def _prepare(

@@ -228,26 +228,32 @@ def test_serve_replay_capacity_reaches_the_replay_guard(tmp_path: Path) -> None:
     assert sized.dispatcher.guard.capacity == 4
 
 
-def test_serve_keeps_answering_beyond_its_replay_capacity(
+def test_serve_refuses_beyond_a_replay_capacity_full_of_recent_nonces(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    """A served agent whose nonce cache is full forgets the oldest nonces and goes on.
+    """--replay-capacity N: with N nonces all younger than 30 s, the next is OVERLOADED.
 
-    Each `sigwire send` spends two nonces (its connection's signed hello and its
-    request): with room for two, every send after the first overflows the cache.
+    (Older ones would be forgotten instead: docs/security.md section 4.) Each
+    `sigwire send` spends two nonces, its connection's signed hello and its
+    request: with room for four, the third send is refused at its hello, cleanly.
     """
     key = tmp_path / "server.pem"
     Identity.generate().save(key)
     port = _free_port()
-    with _serving(key, "--grpc", f"127.0.0.1:{port}", "--replay-capacity", "2", env=env) as proc:
+    with _serving(key, "--grpc", f"127.0.0.1:{port}", "--replay-capacity", "4", env=env) as proc:
         assert proc.stdout is not None
         proc.stdout.readline()
         url = proc.stdout.readline().split()[-1]
-        for n in range(3):
+        for n in range(2):
             sent = _sigwire("send", url, "echo", "--data", f"m{n}", env=env)
             assert sent.returncode == 0, sent.stderr
             assert sent.stdout == f"m{n}"
-        assert proc.poll() is None
+        refused = _sigwire("send", url, "echo", "--data", "m2", env=env)
+        assert refused.returncode == 1
+        assert "replay cache is full" in refused.stderr
+        assert "OVERLOADED" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert proc.poll() is None  # still serving
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "many"])

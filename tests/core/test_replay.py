@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sigwire.envelope import Envelope
-from sigwire.errors import ReplayError, StaleMessageError
+from sigwire.errors import OverloadedError, ReplayError, StaleMessageError
 from sigwire.signing import Identity, ReplayGuard
 from tests.conftest import TIMEOUT
 
@@ -196,7 +196,7 @@ def test_a_full_cache_forgets_its_oldest_and_refuses_what_is_no_newer(
     the forgotten envelope again: refused as stale, with the floor in the details.
     """
     guard = ReplayGuard(capacity=3)
-    now = T0 + 10
+    now = T0 + FUTURE_MS + 10  # the entries are all old enough to forget
     for n in range(3):
         assert guard.check_and_mark(make(n, created_at_ms=T0 + n), now=now)
     assert (guard.floor_ms, guard.forgotten) == (None, 0)
@@ -205,7 +205,7 @@ def test_a_full_cache_forgets_its_oldest_and_refuses_what_is_no_newer(
     with pytest.raises(StaleMessageError) as info:
         guard.check_and_mark(make(0, created_at_ms=T0), now=now + 2)  # the forgotten one
     assert info.value.reason == "TIMESTAMP_OUT_OF_WINDOW"
-    assert info.value.details == {"skew_ms": str(-(10 + 2)), "floor_ms": str(T0)}
+    assert info.value.details == {"skew_ms": str(T0 - now - 2), "floor_ms": str(T0)}
     assert info.value.floor_ms == T0
     with pytest.raises(StaleMessageError):
         guard.check_and_mark(make(9, created_at_ms=T0), now=now + 2)  # new, but no newer
@@ -218,34 +218,72 @@ def test_a_full_cache_forgets_its_oldest_and_refuses_what_is_no_newer(
     assert (len(guard), guard.floor_ms, guard.forgotten) == (3, T0 + 1, 2)
 
 
+def test_a_cache_full_of_recent_nonces_refuses_rather_than_raise_the_floor_past_them(
+    make: Callable[..., Envelope],
+) -> None:
+    """Nothing dated in the last future_ms is forgotten: OVERLOADED instead, floor unmoved.
+
+    Otherwise envelopes dated up to future_ms ahead (allowed) would push the
+    floor to the present, and every sender's next envelope would be refused.
+    """
+    guard = ReplayGuard(capacity=2)
+    ahead = T0 + FUTURE_MS
+    assert guard.check_and_mark(make(0, created_at_ms=ahead), now=T0)  # dated 30 s ahead
+    assert guard.check_and_mark(make(1, created_at_ms=ahead), now=T0)
+    for now in (T0, T0 + FUTURE_MS, T0 + 2 * FUTURE_MS - 1):
+        with pytest.raises(OverloadedError) as info:
+            guard.check_and_mark(make(2, created_at_ms=now), now=now)
+        assert info.value.reason == "OVERLOADED"
+        assert (len(guard), guard.floor_ms, guard.forgotten) == (2, None, 0)
+    now = T0 + 2 * FUTURE_MS  # make(0) now dates from future_ms ago: it may go
+    assert guard.check_and_mark(make(2, created_at_ms=now), now=now)
+    assert (guard.floor_ms, guard.forgotten) == (ahead, 1)
+    assert guard.floor_ms <= now - FUTURE_MS
+
+
 def test_the_floor_follows_timestamps_not_the_clock(make: Callable[..., Envelope]) -> None:
     """A clock stepped back cannot reopen a forgotten envelope; the floor never goes down."""
     guard = ReplayGuard(capacity=2)
-    assert guard.check_and_mark(make(0, created_at_ms=T0 + 5), now=T0 + 5)
-    assert guard.check_and_mark(make(1, created_at_ms=T0 + 1), now=T0 + 6)
-    assert guard.check_and_mark(make(2, created_at_ms=T0 + 6), now=T0 + 7)  # forgets 0
+    later = T0 + FUTURE_MS
+    assert guard.check_and_mark(make(0, created_at_ms=T0 + 5), now=later + 5)
+    assert guard.check_and_mark(make(1, created_at_ms=T0 + 1), now=later + 6)
+    assert guard.check_and_mark(make(2, created_at_ms=T0 + 6), now=later + 7)  # forgets 0
     assert guard.floor_ms == T0 + 5
-    assert guard.check_and_mark(make(3, created_at_ms=T0 + 7), now=T0 + 8)  # forgets 1
+    # Below the floor but still remembered: a duplicate, told apart exactly.
+    assert guard.check_and_mark(make(1, created_at_ms=T0 + 1), now=later + 7) is False
+    assert guard.check_and_mark(make(3, created_at_ms=T0 + 7), now=later + 8)  # forgets 1
     assert guard.floor_ms == T0 + 5  # 1 was older than the floor already
-    for stepped_back in (T0 + 8, T0 - 60_000, T0 - PAST_MS + 10):
+    for stepped_back in (later + 8, T0, T0 - 20_000):  # each inside the window of both
         for n, created in ((0, T0 + 5), (1, T0 + 1)):
-            with pytest.raises(StaleMessageError):
+            with pytest.raises(StaleMessageError) as info:
                 guard.check_and_mark(make(n, created_at_ms=created), now=stepped_back)
+            assert info.value.floor_ms == T0 + 5
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_no_envelope_is_ever_fresh_twice_whatever_the_capacity(
+@pytest.mark.parametrize("seed", range(30))
+def test_no_envelope_is_ever_fresh_twice_whatever_the_capacity_or_the_clock(
     seed: int, make: Callable[..., Envelope]
 ) -> None:
-    """Random arrivals, re-sends and reused nonces against small caches: an envelope's
-    first acceptance is its only one; anything new and newer than the floor is accepted."""
+    """Random arrivals, re-sends and reused nonces against small caches, with a clock that
+    sometimes jumps a TTL ahead or steps back: an envelope's first acceptance is its only
+    one, and every refusal has the reason it gives."""
     rng = random.Random(seed)
-    guard = ReplayGuard(capacity=rng.randint(1, 8))
+    future_ms = rng.choice([0, 20, 100])
+    guard = ReplayGuard(capacity=rng.randint(1, 8), past_ms=PAST_MS, future_ms=future_ms)
     sent: list[Envelope] = []
     fresh: set[bytes] = set()
+    fresh_nonces: dict[bytes, set[bytes]] = {}
     now = T0
-    for step in range(400):
-        now += rng.randint(0, 50)
+    jumps: list[int] = []
+    for step in range(500):
+        jump = rng.random()
+        if jump < 0.03:
+            jumps.append(guard.ttl_ms + rng.randint(0, 5_000))
+            now += jumps[-1]  # every entry expires
+        elif jump < 0.06 and jumps:
+            now -= jumps.pop() + rng.randint(-1_000, 1_000)  # the clock is stepped back
+        else:
+            now += rng.randint(0, 50)
         choice = rng.random()
         if sent and choice < 0.4:
             envelope = rng.choice(sent)  # an exact re-send (a retry, or a replay)
@@ -257,34 +295,57 @@ def test_no_envelope_is_ever_fresh_twice_whatever_the_capacity(
         else:
             envelope = make(10_000 + step, created_at_ms=now - rng.randint(0, 2_000))
             sent.append(envelope)
-        floor, remembered = guard.floor_ms, len(guard)
+        digest = envelope.digest()
         try:
             accepted = guard.check_and_mark(envelope, now=now)
-        except ReplayError:
+        except StaleMessageError as exc:
+            floor = exc.floor_ms
+            if floor is None:
+                skew = envelope.created_at_ms - now
+                assert skew < -PAST_MS or skew > future_ms
+            else:
+                assert envelope.created_at_ms <= floor == guard.floor_ms
             accepted = False
-        digest = envelope.digest()
+        except ReplayError:
+            # A nonce taken by other content (the first with it may not be in `sent`).
+            assert fresh_nonces.get(envelope.nonce, set()) - {digest}
+            accepted = False
+        except OverloadedError:
+            assert len(guard) == guard.capacity
+            accepted = False
         if accepted:
             assert digest not in fresh, "an envelope was accepted twice"
             fresh.add(digest)
-        elif digest not in fresh and (floor is None or envelope.created_at_ms > floor):
-            # Never accepted and newer than the floor: only a reused nonce is refused.
-            assert any(e.nonce == envelope.nonce and e.digest() in fresh for e in sent)
+            fresh_nonces.setdefault(envelope.nonce, set()).add(digest)
         assert len(guard) <= guard.capacity
-        assert len(guard) >= min(remembered, guard.capacity - 1)
 
 
 def test_full_cache_evicts_expired_entries(make: Callable[..., Envelope]) -> None:
-    """Expired entries make room first; only live ones are ever forgotten (and raise the floor)."""
+    """Expired entries make room first; only live ones are ever forgotten for room."""
     guard = ReplayGuard(capacity=2)
     ttl = guard.ttl_ms
     assert guard.check_and_mark(make(0), now=T0)
     assert guard.check_and_mark(make(1, created_at_ms=T0 + 10), now=T0 + 10)
     late = T0 + ttl
     assert guard.check_and_mark(make(2, created_at_ms=late), now=late)  # expires make(0)
-    assert (len(guard), guard.forgotten, guard.floor_ms) == (2, 0, None)
+    assert (len(guard), guard.forgotten, guard.floor_ms) == (2, 0, T0)
     later = T0 + 10 + ttl
     assert guard.check_and_mark(make(3, created_at_ms=later), now=later)  # expires make(1)
-    assert (len(guard), guard.forgotten, guard.floor_ms) == (2, 0, None)
+    assert (len(guard), guard.forgotten, guard.floor_ms) == (2, 0, T0 + 10)
+
+
+def test_an_expired_nonce_stays_refused_when_the_clock_is_stepped_back(
+    make: Callable[..., Envelope],
+) -> None:
+    """A clock a TTL ahead expires a nonce; stepped back, the envelope is in its window
+    again, and only the floor keeps the replay out."""
+    guard = ReplayGuard()
+    assert guard.check_and_mark(make(0), now=T0)
+    ahead = T0 + guard.ttl_ms
+    assert guard.check_and_mark(make(1, created_at_ms=ahead), now=ahead)  # expires make(0)
+    with pytest.raises(StaleMessageError) as info:
+        guard.check_and_mark(make(0), now=T0 + 1)  # back in make(0)'s window
+    assert info.value.floor_ms == T0
 
 
 def test_all_expired_entries_are_evicted_at_once(make: Callable[..., Envelope]) -> None:
