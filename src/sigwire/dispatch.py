@@ -408,7 +408,16 @@ class ReplyCache:
     def get(self, key: tuple[str, str]) -> Answer | None:
         """The live entry of ``key``, if any."""
         found = self._entries.get(key)
-        entry = _unpack(found) if isinstance(found, tuple) else found
+        entry: Answer | None
+        if isinstance(found, tuple):
+            entry = unpacked = _unpack(found)
+            if found[0] >= time.monotonic():
+                # Asked for again: an object again (in its place), so that the
+                # signed forms its re-sends make are kept, then packed anew.
+                self._entries[key] = unpacked
+                self._packing(key)
+        else:
+            entry = found
         if entry is not None and entry.done and entry.expires < time.monotonic():
             del self._entries[key]
             self.bytes -= entry.size
@@ -419,9 +428,9 @@ class ReplyCache:
                 # Answered before a restart: serve it, never run the handler again.
                 entry = Answer()
                 entry.replies = [_proto.decode_reply(data) for data in stored]
-                self.finish(entry, persist=False)
                 self._entries[key] = entry
-                self._finished.append(key)
+                self.finish(entry, key, persist=False)
+                self._evict()
         return entry
 
     def begin(self, key: tuple[str, str]) -> Answer:
@@ -459,17 +468,21 @@ class ReplyCache:
                 log.exception("could not store the answer to %r from %r", key[1], key[0])
         entry.close()
         if key is not None:
-            finished = self._finished
-            finished.append(key)
-            if len(finished) > _PACK_AFTER:
-                older = finished.popleft()
-                answer = self._entries.get(older)
-                if isinstance(answer, Answer) and answer.done:
-                    packed = _pack(answer)
-                    if packed is not None:
-                        self._entries[older] = packed  # keeps its place in the order
+            self._packing(key)
         if self.bytes > self.max_bytes:
             self._evict()
+
+    def _packing(self, key: tuple[str, str]) -> None:
+        # Queue a finished answer for packing, and pack the one _PACK_AFTER back.
+        finished = self._finished
+        finished.append(key)
+        if len(finished) > _PACK_AFTER:
+            older = finished.popleft()
+            answer = self._entries.get(older)
+            if isinstance(answer, Answer) and answer.done:
+                packed = _pack(answer)
+                if packed is not None:
+                    self._entries[older] = packed  # keeps its place in the order
 
     def abandon(self, key: tuple[str, str], entry: Answer) -> None:
         """Drop an entry whose handler never finished (cancelled at shutdown)."""
@@ -634,8 +647,8 @@ class Dispatcher:
             if exc.floor_ms is None or envelope.kind == HELLO_KIND:
                 raise
             cached = self.cache.get(key)
-            if cached is None or cached.content not in (None, _content(envelope)):
-                raise
+            if cached is None or cached.content != _content(envelope):
+                raise  # (an answer restored from a store does not know what was asked)
             fresh = False
         if envelope.kind == HELLO_KIND:
             return self._hello(envelope, session, fresh)

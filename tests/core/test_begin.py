@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
+
+import pytest
 
 import sigwire
 from sigwire.dispatch import Answer, Dispatcher, Handlers, Limits
 from sigwire.envelope import Envelope, Reply
+from sigwire.errors import StaleMessageError
 from sigwire.store import SqliteStore
 
 SERVER = sigwire.Identity.from_seed(b"s" * 32)
@@ -143,3 +147,49 @@ def test_long_field_runs_are_encoded_but_not_kept() -> None:
         )
         assert len(reply.signing_input()) > 100_000
     assert _cached_run.cache_info().currsize <= before + 2
+
+
+def _counting() -> tuple[Handlers, list[bytes]]:
+    handlers, runs = Handlers(), []
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        runs.append(msg.payload)
+        return b"done " + msg.payload
+
+    return handlers, runs
+
+
+async def test_a_resend_below_the_floor_of_an_answered_request_gets_its_answer() -> None:
+    """Its nonce let go by a full guard, an answered request's re-send is a duplicate."""
+    handlers, runs = _counting()
+    dispatcher = _dispatcher(handlers)
+    request = _request()
+    first = dispatcher.begin(request)
+    assert isinstance(first, Answer)
+    dispatcher.guard._seen.clear()  # as if forgotten to make room...
+    dispatcher.guard.floor_ms = request.created_at_ms  # ...which raised the floor to it
+    again = dispatcher.begin(request)
+    assert isinstance(again, Answer)
+    assert [r.data for r in again.replies] == [b"done hi"]
+    assert runs == [b"hi"]
+
+
+async def test_below_the_floor_an_answer_that_does_not_know_what_was_asked_is_no_excuse(
+    tmp_path: Path,
+) -> None:
+    """Restored from a store (the request's content unknown), it is not served below the floor:
+    the same id with other content must not pass for a re-send."""
+    handlers, runs = _counting()
+    store = SqliteStore(tmp_path / "agent.db")
+    request = _request(b"pay 10")
+    answered = _dispatcher(handlers, store).begin(request)
+    assert isinstance(answered, Answer)
+    restarted = _dispatcher(handlers, store)
+    restarted.guard.floor_ms = request.created_at_ms
+    other = CLIENT.sign_envelope(dataclasses.replace(request, payload=b"pay 99999", signature=None))
+    for envelope in (request, other):
+        with pytest.raises(StaleMessageError) as info:
+            restarted.begin(envelope)
+        assert info.value.floor_ms == request.created_at_ms
+    assert runs == [b"pay 10"]

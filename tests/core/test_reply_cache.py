@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from sigwire.batch import BatchProof
 from sigwire.dispatch import _PACK_AFTER, Answer, ReplyCache, _pack, _unpack
 from sigwire.envelope import Reply, ReplyError, Signature
 from sigwire.signing import Identity, Verifier
+from sigwire.store import SqliteStore
 
 
 def _answer(cache: ReplyCache, key: tuple[str, str], size: int) -> None:
@@ -172,5 +175,57 @@ def test_packed_answers_expire_and_evict_like_the_others() -> None:
         _answer(cache, ("s", "last"), 10)
         assert len(cache) == 1
         assert cache.bytes == 10
+
+    asyncio.run(run())
+
+
+def test_a_packed_answer_asked_for_again_keeps_the_signatures_its_resends_make(
+    alice: Identity,
+) -> None:
+    """Unpacked on a hit, it stays an object (then is packed anew): re-sends sign once."""
+
+    async def run() -> None:
+        cache = ReplyCache(size=10_000, ttl=60)
+        first = ("did:key:sender", "first")
+        _answer(cache, first, 10)  # unsigned: its signed form is made on re-send
+        for i in range(_PACK_AFTER):
+            _answer(cache, ("did:key:sender", str(i)), 10)
+        assert isinstance(cache._entries[first], tuple)
+        entry = cache.get(first)
+        assert entry is not None
+        assert cache.get(first) is entry
+        reply = dataclasses.replace(entry.replies[0], responder=alice.did)
+        entry.replies[0] = reply
+        signed = alice.sign_reply(reply)
+        again = cache.get(first)
+        assert again is not None
+        assert alice.sign_reply(again.replies[0]) is signed  # no second signature
+        for i in range(_PACK_AFTER):
+            _answer(cache, ("did:key:sender", f"more {i}"), 10)
+        assert isinstance(cache._entries[first], tuple)  # packed anew, signed form in it
+        later = cache.get(first)
+        assert later is not None
+        assert later.replies[0]._signed == signed
+
+    asyncio.run(run())
+
+
+def test_answers_restored_from_a_store_are_packed_and_bounded_like_the_others(
+    tmp_path: Path,
+) -> None:
+    """Restoring thousands of answers keeps the packing queue and the count bounded."""
+
+    async def run() -> None:
+        store = SqliteStore(tmp_path / "agent.db")
+        before = ReplyCache(size=10_000, ttl=60, store=store)
+        keys = [("did:key:sender", str(i)) for i in range(3000)]
+        for key in keys:
+            _answer(before, key, 10)
+        after = ReplyCache(size=2000, ttl=60, store=store)  # a restart, with a smaller cache
+        for key in keys:
+            assert after.get(key) is not None
+        assert len(after._finished) <= _PACK_AFTER
+        assert len(after) <= 2000
+        assert sum(isinstance(e, tuple) for e in after._entries.values()) >= 2000 - _PACK_AFTER
 
     asyncio.run(run())
