@@ -373,6 +373,16 @@ def _unpack_reply(f: _Packed) -> Reply:
     return reply
 
 
+def _expired(entry: Answer | _Packed, now: float) -> bool:
+    if isinstance(entry, tuple):
+        return bool(entry[0] < now)
+    return entry.done and entry.expires < now
+
+
+def _size(entry: Answer | _Packed) -> int:
+    return int(entry[1]) if isinstance(entry, tuple) else entry.size
+
+
 class ReplyCache:
     """Signed answers per ``(sender, id)``, bounded in size and age.
 
@@ -408,20 +418,17 @@ class ReplyCache:
     def get(self, key: tuple[str, str]) -> Answer | None:
         """The live entry of ``key``, if any."""
         found = self._entries.get(key)
-        entry: Answer | None
-        if isinstance(found, tuple):
-            entry = unpacked = _unpack(found)
-            if found[0] >= time.monotonic():
-                # Asked for again: an object again (in its place), so that the
-                # signed forms its re-sends make are kept, then packed anew.
-                self._entries[key] = unpacked
-                self._packing(key)
+        entry: Answer | None = None
+        if found is not None and _expired(found, time.monotonic()):
+            del self._entries[key]
+            self.bytes -= _size(found)
+        elif isinstance(found, tuple):
+            # Asked for again: an object again (in its place), so that the
+            # signed forms its re-sends make are kept, then packed anew.
+            entry = self._entries[key] = _unpack(found)
+            self._packing(key)
         else:
             entry = found
-        if entry is not None and entry.done and entry.expires < time.monotonic():
-            del self._entries[key]
-            self.bytes -= entry.size
-            entry = None
         if entry is None and self.store is not None:
             stored = self.store.get_answer(*key)
             if stored is not None:
@@ -498,23 +505,17 @@ class ReplyCache:
         excess = self.bytes - self.max_bytes
         doomed: list[tuple[str, str]] = []
         for key, entry in self._entries.items():
-            if isinstance(entry, tuple):
-                expires, size = entry[0], entry[1]
-            elif not entry.done:
+            if isinstance(entry, Answer) and not entry.done:
                 if len(doomed) < over or excess > 0:
                     continue
                 break
-            else:
-                expires, size = entry.expires, entry.size
-            if len(doomed) < over or excess > 0 or expires < now:
+            if len(doomed) < over or excess > 0 or _expired(entry, now):
                 doomed.append(key)
-                excess -= size
+                excess -= _size(entry)
             else:
                 break
-        entries = self._entries
         for key in doomed:
-            gone = entries.pop(key)
-            self.bytes -= gone[1] if isinstance(gone, tuple) else gone.size
+            self.bytes -= _size(self._entries.pop(key))
 
 
 class SessionHooks(Protocol):
@@ -646,13 +647,14 @@ class Dispatcher:
             # so nothing is replayed, and work already done does not fail.
             if exc.floor_ms is None or envelope.kind == HELLO_KIND:
                 raise
-            cached = self.cache.get(key)
-            if cached is None or cached.content != _content(envelope):
+            entry = self.cache.get(key)
+            if entry is None or entry.content != _content(envelope):
                 raise  # (an answer restored from a store does not know what was asked)
             fresh = False
-        if envelope.kind == HELLO_KIND:
-            return self._hello(envelope, session, fresh)
-        entry = self.cache.get(key)
+        else:
+            if envelope.kind == HELLO_KIND:
+                return self._hello(envelope, session, fresh)
+            entry = self.cache.get(key)
         if entry is not None and entry.content not in (None, _content(envelope)):
             # Same id, other request: its cached answer must not pass for this one's.
             raise ReplayError("this id was already used for a different request")
