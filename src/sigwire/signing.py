@@ -456,11 +456,12 @@ class Verifier:
     def signatures_valid(items: Sequence[tuple[Signature | None, str, bytes]]) -> list[bool]:
         """Check many signatures at once; True where :meth:`check_signature` would pass.
 
-        Meant to run in a worker thread (Ed25519 verification releases the
-        GIL): one thread hop for a whole frame instead of one per message.
         The messages of one batch share one Ed25519 check, run once per
-        distinct (signer, signature, signed root). A False tells the caller to
-        run the full check for its specific error.
+        distinct (signer, signature, signed root), so a batch-signed frame
+        costs one check and sessions run it on the event loop; a frame of
+        many separately signed messages they run in a worker thread (Ed25519
+        verification releases the GIL). A False tells the caller to run the
+        full check for its specific error.
         """
         results: list[bool] = []
         done: dict[tuple[str, bytes, bytes], bool] = {}

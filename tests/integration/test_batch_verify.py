@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import grpc.aio
+import pytest
 
 import sigwire
 from sigwire import _proto
@@ -88,3 +90,45 @@ async def test_a_forged_reply_among_genuine_ones_fails_its_call_alone(
         results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[1], sigwire.InvalidSignatureError)
     assert [r.data for i, r in enumerate(results) if i != 1] == [b"0", b"2", b"3"]
+
+
+async def test_batch_signed_frames_are_checked_on_the_loop_others_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, client_identity: sigwire.Identity
+) -> None:
+    """One Ed25519 check per frame stays on the loop; a frame of many goes to a thread.
+
+    Both give the same per-message verdicts, a forged message included.
+    """
+    from sigwire import session
+
+    checked_on: list[int] = []
+    real = sigwire.Verifier.signatures_valid
+
+    def spy(items: list[tuple[sigwire.Signature | None, str, bytes]]) -> list[bool]:
+        checked_on.append(threading.get_ident())
+        return real(items)
+
+    monkeypatch.setattr(session.Verifier, "signatures_valid", staticmethod(spy))
+
+    def unsigned(i: int) -> sigwire.Envelope:
+        return sigwire.Envelope.new("echo", b"%d" % i, sender=client_identity.did)
+
+    def items(
+        envelopes: list[sigwire.Envelope],
+    ) -> list[tuple[sigwire.Signature | None, str, bytes]]:
+        return [(e.signature, e.sender, e.signing_input()) for e in envelopes]
+
+    batched = client_identity.sign_batch([unsigned(i) for i in range(8)])
+    batched[3] = dataclasses.replace(batched[3], payload=b"forged")
+    single = [client_identity.sign_envelope(unsigned(i)) for i in range(8)]
+    single[5] = dataclasses.replace(single[5], payload=b"forged")
+
+    expected = [True] * 8
+    expected[3] = False
+    assert await session._check_batch(items(batched)) == expected
+    expected = [True] * 8
+    expected[5] = False
+    assert await session._check_batch(items(single)) == expected
+    loop_thread = threading.get_ident()
+    assert checked_on[0] == loop_thread
+    assert checked_on[1] != loop_thread
