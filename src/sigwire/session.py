@@ -62,12 +62,13 @@ _FLUSH_TIMEOUT: Final = 2.0
 # (one Ed25519 check per batch signature); below it, the dispatcher's full check
 # verifies the lone message.
 _BATCH_VERIFY: Final = 2
-# A frame whose signatures come to at most this many distinct Ed25519 checks (a
+# A frame whose signatures come to at most this many Ed25519 checks (a
 # batch-signed frame needs one) is verified on the event loop: on two cores
 # shared with the peer, a worker-thread hop costs more than the check it moves
-# (scripts/bench: Connect streams 15-20% faster inline). A frame of many
-# separately signed messages, from a peer that does not batch, goes to a worker
-# thread (Ed25519 releases the GIL), so that it does not hold the loop for ms.
+# (scripts/bench: Connect streams 12-25% faster inline). A frame needing more
+# (separately signed messages, from a peer that does not batch, or a hostile
+# one) goes to a worker thread (Ed25519 releases the GIL), so that it cannot
+# hold the loop for milliseconds.
 _INLINE_CHECKS: Final = 2
 
 
@@ -114,10 +115,10 @@ def _metadata_size(envelope: Envelope) -> int:
 
 
 async def _check_batch(items: list[tuple[Signature | None, str, bytes]]) -> list[bool]:
-    checks = {signature.value for signature, _, _ in items if signature is not None}
-    if len(checks) <= _INLINE_CHECKS:
-        return Verifier.signatures_valid(items)
-    return await asyncio.to_thread(Verifier.signatures_valid, items)
+    checks = Verifier.plan_checks(items)
+    if checks.count <= _INLINE_CHECKS:
+        return checks.run()
+    return await asyncio.to_thread(checks.run)
 
 
 class _Credit:

@@ -457,14 +457,24 @@ class Verifier:
         """Check many signatures at once; True where :meth:`check_signature` would pass.
 
         The messages of one batch share one Ed25519 check, run once per
-        distinct (signer, signature, signed root), so a batch-signed frame
-        costs one check and sessions run it on the event loop; a frame of
-        many separately signed messages they run in a worker thread (Ed25519
-        verification releases the GIL). A False tells the caller to run the
-        full check for its specific error.
+        distinct (signer, signature, signed root). A False tells the caller to
+        run the full check for its specific error. The same as
+        ``Verifier.plan_checks(items).run()``.
         """
-        results: list[bool] = []
-        done: dict[tuple[str, bytes, bytes], bool] = {}
+        return Verifier.plan_checks(items).run()
+
+    @staticmethod
+    def plan_checks(items: Sequence[tuple[Signature | None, str, bytes]]) -> SignatureChecks:
+        """Every check of :meth:`signatures_valid` but the Ed25519 ones, which it plans.
+
+        Cheap (keys parsed once per DID, one hash per batched message), so a
+        session runs it as a frame arrives, then counts the Ed25519 checks
+        left (:attr:`SignatureChecks.count`) to decide where to run them: a
+        batch-signed frame needs one, on the event loop; many go to a worker
+        thread (Ed25519 verification releases the GIL).
+        """
+        groups: list[tuple[int, tuple[str, bytes, bytes] | None]] = []
+        checks: dict[tuple[str, bytes, bytes], Ed25519PublicKey] = {}
         start = 0
         while start < len(items):
             whole = _whole_batch(items, start)
@@ -477,15 +487,14 @@ class Verifier:
                     prepared = _prepare(*items[start])
                 except SigwireError:
                     prepared = None
-            ok = False
+            check = None
             if prepared is not None:
                 key, value, data = prepared
-                seen = (items[start][1], value, data)
-                found = done.get(seen)
-                ok = done[seen] = _verifies(key, value, data) if found is None else found
-            results += [ok] * size
+                check = (items[start][1], value, data)
+                checks.setdefault(check, key)
+            groups.append((size, check))
             start += size
-        return results
+        return SignatureChecks(groups, checks)
 
     def authenticate(self, envelope: Envelope) -> None:
         """Check an envelope's signature (not yet the trust policy).
@@ -775,6 +784,38 @@ def _verifies(key: Ed25519PublicKey, value: bytes, data: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+class SignatureChecks:
+    """The Ed25519 checks a run of messages still needs (:meth:`Verifier.plan_checks`)."""
+
+    __slots__ = ("_checks", "_groups")
+
+    def __init__(
+        self,
+        groups: list[tuple[int, tuple[str, bytes, bytes] | None]],
+        checks: dict[tuple[str, bytes, bytes], Ed25519PublicKey],
+    ) -> None:
+        # Runs of messages judged together (a whole batch, or one message) and
+        # the check each depends on (None: it already failed); each distinct
+        # (signer, signature, signed bytes) is checked once.
+        self._groups = groups
+        self._checks = checks
+
+    @property
+    def count(self) -> int:
+        """How many Ed25519 verifications :meth:`run` will do."""
+        return len(self._checks)
+
+    def run(self) -> list[bool]:
+        """Do the checks: True per message whose signature verifies."""
+        verdicts = {
+            check: _verifies(key, check[1], check[2]) for check, key in self._checks.items()
+        }
+        results: list[bool] = []
+        for size, check in self._groups:
+            results += [check is not None and verdicts[check]] * size
+        return results
 
 
 def _signed_bytes(signature: Signature, signing_input: bytes) -> bytes:

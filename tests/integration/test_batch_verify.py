@@ -95,20 +95,22 @@ async def test_a_forged_reply_among_genuine_ones_fails_its_call_alone(
 async def test_batch_signed_frames_are_checked_on_the_loop_others_in_a_thread(
     monkeypatch: pytest.MonkeyPatch, client_identity: sigwire.Identity
 ) -> None:
-    """One Ed25519 check per frame stays on the loop; a frame of many goes to a thread.
+    """One Ed25519 check per frame stays on the loop; a frame needing many goes to a thread.
 
-    Both give the same per-message verdicts, a forged message included.
+    Both give the same per-message verdicts, a forged message included, and
+    what decides is the checks a frame needs, not how many signatures it shows:
+    messages that all carry one (forged) signature still need one check each.
     """
-    from sigwire import session
+    from sigwire import session, signing
 
-    checked_on: list[int] = []
-    real = sigwire.Verifier.signatures_valid
+    checked_on: list[tuple[int, int]] = []
+    real = signing.SignatureChecks.run
 
-    def spy(items: list[tuple[sigwire.Signature | None, str, bytes]]) -> list[bool]:
-        checked_on.append(threading.get_ident())
-        return real(items)
+    def spy(self: signing.SignatureChecks) -> list[bool]:
+        checked_on.append((threading.get_ident(), self.count))
+        return real(self)
 
-    monkeypatch.setattr(session.Verifier, "signatures_valid", staticmethod(spy))
+    monkeypatch.setattr(signing.SignatureChecks, "run", spy)
 
     def unsigned(i: int) -> sigwire.Envelope:
         return sigwire.Envelope.new("echo", b"%d" % i, sender=client_identity.did)
@@ -122,6 +124,9 @@ async def test_batch_signed_frames_are_checked_on_the_loop_others_in_a_thread(
     batched[3] = dataclasses.replace(batched[3], payload=b"forged")
     single = [client_identity.sign_envelope(unsigned(i)) for i in range(8)]
     single[5] = dataclasses.replace(single[5], payload=b"forged")
+    # One signature value on every message, each its own (bogus) batch of one
+    # position: no whole batch, so one Ed25519 check per message.
+    shared = [dataclasses.replace(unsigned(i), signature=batched[0].signature) for i in range(8)]
 
     expected = [True] * 8
     expected[3] = False
@@ -129,6 +134,13 @@ async def test_batch_signed_frames_are_checked_on_the_loop_others_in_a_thread(
     expected = [True] * 8
     expected[5] = False
     assert await session._check_batch(items(single)) == expected
+    assert await session._check_batch(items(shared)) == [False] * 8
     loop_thread = threading.get_ident()
-    assert checked_on[0] == loop_thread
-    assert checked_on[1] != loop_thread
+    # The forged message breaks the whole batch: it and the rest are checked
+    # on their own proofs, which lead to two roots (the genuine one and the
+    # forged message's own).
+    assert checked_on[0] == (loop_thread, 2)
+    assert checked_on[1][0] != loop_thread
+    assert checked_on[1][1] == 8
+    assert checked_on[2][0] != loop_thread
+    assert checked_on[2][1] == 8
