@@ -124,7 +124,7 @@ class Correlator:
     def pending(self) -> list[PendingCall]:
         return list(self._pending.values())
 
-    def deliver(self, reply: Reply, signature_checked: bool = False) -> None:
+    def deliver(self, reply: Reply, signature_checked: bool = False, forged: bool = False) -> None:
         call = self._pending.get(reply.request_id)
         if call is None:
             log.debug("dropping reply to unknown or finished request %r", reply.request_id)
@@ -137,6 +137,7 @@ class Correlator:
                 call.envelope,
                 expected_responder=call.expected_responder,
                 signature_checked=signature_checked,
+                forged=forged,
             )
         except SigwireError as exc:
             log.warning("refusing reply to %r: %s", reply.request_id, exc)

@@ -283,7 +283,9 @@ class Peer:
         if call is not None and call.envelope is unsigned:
             call.envelope = signed
 
-    def _on_reply(self, reply: Reply, signature_checked: bool = False) -> None:
+    def _on_reply(
+        self, reply: Reply, signature_checked: bool = False, forged: bool = False
+    ) -> None:
         error = reply.error
         if not reply.success and error is not None and error.reason == "SHUTTING_DOWN":
             call = self.correlator.get(reply.request_id)
@@ -292,7 +294,7 @@ class Peer:
                 # which the supervisor does on the next stream it opens.
                 call.sent_on = None
                 return
-        self.correlator.deliver(reply, signature_checked)
+        self.correlator.deliver(reply, signature_checked, forged)
 
     def _genuine(self, reply: Reply, call: PendingCall) -> bool:
         try:

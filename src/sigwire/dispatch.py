@@ -30,6 +30,7 @@ from sigwire.envelope import Envelope, Message, Reply, ReplyError, Signature, no
 from sigwire.errors import (
     HandlerCancelledError,
     HandlerError,
+    InvalidSignatureError,
     KindUnknownError,
     MessageTooLargeError,
     MisdirectedError,
@@ -574,8 +575,15 @@ class Dispatcher:
         self._running: set[asyncio.Task[None]] = set()
         self.handled = 0
 
-    def admit(self, envelope: Envelope, *, authenticated: bool = False) -> bool:
+    def admit(
+        self, envelope: Envelope, *, authenticated: bool = False, forged: bool = False
+    ) -> bool:
         """Run every check before the handler.
+
+        ``authenticated``: see :meth:`dispatch`. ``forged``: the caller already
+        found that this very envelope's signature does not verify (a False of
+        ``SignatureChecks.run``); it is refused as such, in its place among
+        the checks, without verifying it again.
 
         Returns:
             True if the envelope is fresh, False if it is an exact re-send.
@@ -593,6 +601,8 @@ class Dispatcher:
                 details={"recipient": envelope.recipient},
             )
         if not authenticated:
+            if forged:
+                raise InvalidSignatureError("the signature does not verify")
             self.verifier.authenticate(envelope)
         # Trust before the nonce cache: senders we refuse cannot fill it.
         if envelope.signature is not None or self.verifier.require_signatures:
@@ -616,6 +626,7 @@ class Dispatcher:
         *,
         unary: bool = False,
         authenticated: bool = False,
+        forged: bool = False,
         context: contextvars.Context | None = None,
     ) -> Answer | Reply:
         """Run every step before the handler, start it if need be, return its answer.
@@ -629,6 +640,7 @@ class Dispatcher:
             session: The stream it came on, if any (a hello binds it).
             unary: See :meth:`dispatch`.
             authenticated: See :meth:`dispatch`.
+            forged: See :meth:`admit`.
             context: The handler runs in a copy of it; default, of the current one.
 
         Returns:
@@ -639,7 +651,7 @@ class Dispatcher:
         """
         key = (envelope.sender, envelope.id)
         try:
-            fresh = self.admit(envelope, authenticated=authenticated)
+            fresh = self.admit(envelope, authenticated=authenticated, forged=forged)
         except StaleMessageError as exc:
             # Below the floor of a replay guard that let go of its nonce, but
             # answered and still cached: most likely a client's own re-send

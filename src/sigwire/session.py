@@ -114,11 +114,25 @@ def _metadata_size(envelope: Envelope) -> int:
     return sum(len(k) + len(v) for k, v in metadata.items()) if metadata else 0
 
 
-async def _check_batch(items: list[tuple[Signature | None, str, bytes]]) -> list[bool]:
+async def _check_batch(items: list[tuple[Signature | None, str, bytes]]) -> list[bool | None]:
+    # Per message, what SignatureChecks.run found: True verified, False forged
+    # (refused without verifying again), None not decided (the full check runs).
+    if len({author for _, author, _ in items}) > _INLINE_CHECKS:
+        # Authors' keys are parsed on first sight (~35 µs each, and a DID that
+        # does not parse is not remembered): many of them in one frame is not a
+        # sigwire writer's frame, and all of it goes to the worker thread.
+        return await asyncio.to_thread(_plan_and_run, items)
     checks = Verifier.plan_checks(items)
-    if checks.count <= _INLINE_CHECKS:
-        return checks.run()
-    return await asyncio.to_thread(checks.run)
+    if checks.count > _INLINE_CHECKS:
+        return await asyncio.to_thread(checks.run)
+    # Let the loop run others between frames, as the thread hop did: a
+    # stream whose peer sent many frames does not hold it for all of them.
+    await asyncio.sleep(0)
+    return checks.run()
+
+
+def _plan_and_run(items: list[tuple[Signature | None, str, bytes]]) -> list[bool | None]:
+    return Verifier.plan_checks(items).run()
 
 
 class _Credit:
@@ -255,8 +269,9 @@ class Session:
     Args:
         stream: The transport's stream.
         dispatcher: Runs inbound envelopes (requests or pushes from the peer).
-        on_reply: Called with every inbound reply (the owner correlates them)
-            and whether its signature was already verified in a batch.
+        on_reply: Called with every inbound reply (the owner correlates them),
+            whether its signature was already verified in a batch, and whether
+            that check found it forged.
         options: Window and heartbeat settings.
         on_goaway: Called when the peer announces it is going away.
         on_bind: Called once when the peer's hello binds the session to its DID.
@@ -333,7 +348,7 @@ class Session:
         stream: FrameStream,
         dispatcher: Dispatcher,
         *,
-        on_reply: Callable[[Reply, bool], None],
+        on_reply: Callable[[Reply, bool, bool], None],
         options: SessionOptions | None = None,
         on_goaway: Callable[[GoAwayInfo], None] | None = None,
         on_bind: Callable[[Session, str], None] | None = None,
@@ -377,7 +392,7 @@ class Session:
         # [sequence, envelopes not yet started] until it can be acked.
         # Lists, not deques: an empty list holds no storage (a deque always
         # keeps a 64-slot block); they are consumed in slices.
-        self._backlog: list[tuple[Envelope, list[int], bool]] = []
+        self._backlog: list[tuple[Envelope, list[int], bool | None]] = []
         self._unstarted: list[list[int]] = []
         self._serving = 0
         self._pumping = False
@@ -577,8 +592,9 @@ class Session:
             entry = [frame.sequence, count]
             self._unstarted.append(entry)
             envelopes = [_proto.envelope_from_pb(msg) for msg in frame.envelopes.envelopes]
+            checked: list[bool | None]
             if count < _BATCH_VERIFY:
-                checked = [False] * count  # verified inline by the dispatcher's full check
+                checked = [None] * count  # verified inline by the dispatcher's full check
             else:
                 checked = await _check_batch(
                     [(e.signature, e.sender, e.signing_input()) for e in envelopes]
@@ -596,13 +612,13 @@ class Session:
                 raise OverloadedError("a frame of more replies than any writer batches")
             replies = [_proto.reply_from_pb(msg) for msg in frame.replies.replies]
             if len(replies) < _BATCH_VERIFY:
-                checked = [False] * len(replies)  # verified inline by the correlator
+                checked = [None] * len(replies)  # verified inline by the correlator
             else:
                 checked = await _check_batch(
                     [(r.signature, r.responder, r.signing_input()) for r in replies]
                 )
             for reply, ok in zip(replies, checked, strict=True):
-                self._on_reply(reply, ok)
+                self._on_reply(reply, ok is True, ok is False)
         elif body == "ack":
             self._release(frame.ack.sequence)
         elif body == "ping":
@@ -659,8 +675,8 @@ class Session:
                 self._serving += len(starting)
                 # Started from here on: a reply written at once carries the ack.
                 self._advance_received()
-                for envelope, _, authenticated in starting:
-                    self._start(envelope, authenticated)
+                for envelope, _, verdict in starting:
+                    self._start(envelope, verdict)
         finally:
             self._pumping = False
         self._advance_ack()
@@ -697,11 +713,15 @@ class Session:
             self._ack_queued = True
             self._queue.put_nowait(_ACK)
 
-    def _start(self, envelope: Envelope, authenticated: bool) -> None:
+    def _start(self, envelope: Envelope, verdict: bool | None) -> None:
         dispatcher = self.dispatcher
         try:
             started = dispatcher.begin(
-                envelope, self, authenticated=authenticated, context=self._context
+                envelope,
+                self,
+                authenticated=verdict is True,
+                forged=verdict is False,
+                context=self._context,
             )
         except SigwireError as exc:
             if isinstance(exc, ConnectionClosedError) and not isinstance(exc, ShuttingDownError):

@@ -19,7 +19,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Protocol, Self, TypeAlias, TypeVar
 
 import base58
 from cryptography.exceptions import InvalidSignature
@@ -61,6 +61,7 @@ __all__ = [
     "Identity",
     "OpenTrust",
     "ReplayGuard",
+    "SignatureChecks",
     "TrustPolicy",
     "Verifier",
     "did_from_public_key",
@@ -459,9 +460,9 @@ class Verifier:
         The messages of one batch share one Ed25519 check, run once per
         distinct (signer, signature, signed root). A False tells the caller to
         run the full check for its specific error. The same as
-        ``Verifier.plan_checks(items).run()``.
+        ``Verifier.plan_checks(items).run()``, with its None as False.
         """
-        return Verifier.plan_checks(items).run()
+        return [verdict is True for verdict in Verifier.plan_checks(items).run()]
 
     @staticmethod
     def plan_checks(items: Sequence[tuple[Signature | None, str, bytes]]) -> SignatureChecks:
@@ -473,8 +474,8 @@ class Verifier:
         batch-signed frame needs one, on the event loop; many go to a worker
         thread (Ed25519 verification releases the GIL).
         """
-        groups: list[tuple[int, tuple[str, bytes, bytes] | None]] = []
-        checks: dict[tuple[str, bytes, bytes], Ed25519PublicKey] = {}
+        groups: list[tuple[int, _Check | None]] = []
+        checks: dict[_Check, Ed25519PublicKey] = {}
         start = 0
         while start < len(items):
             whole = _whole_batch(items, start)
@@ -487,7 +488,7 @@ class Verifier:
                     prepared = _prepare(*items[start])
                 except SigwireError:
                     prepared = None
-            check = None
+            check: _Check | None = None
             if prepared is not None:
                 key, value, data = prepared
                 check = (items[start][1], value, data)
@@ -527,6 +528,7 @@ class Verifier:
         *,
         expected_responder: str | None = None,
         signature_checked: bool = False,
+        forged: bool = False,
     ) -> None:
         """Check that ``reply`` is a signed answer to exactly ``request``.
 
@@ -536,6 +538,10 @@ class Verifier:
             expected_responder: If given, the DID the reply must come from (pinning).
             signature_checked: The caller already verified this very reply's
                 signature (in a batch); only the binding and pinning remain.
+            forged: The caller already found that this very reply's
+                signature does not verify (a False of
+                :meth:`SignatureChecks.run`): it is refused as such, after
+                the binding and pinning, without verifying it again.
 
         Raises:
             InvalidSignatureError: Bad signature, or bound to another request.
@@ -545,6 +551,8 @@ class Verifier:
             raise InvalidSignatureError("the reply answers a different request")
         if expected_responder is not None and reply.responder != expected_responder:
             raise UnknownSignerError(reply.responder)
+        if forged:
+            raise InvalidSignatureError("the signature does not verify")
         if not signature_checked:
             self.check_signature(reply.signature, reply.responder, reply.signing_input())
 
@@ -786,6 +794,10 @@ def _verifies(key: Ed25519PublicKey, value: bytes, data: bytes) -> bool:
     return True
 
 
+# One Ed25519 check: the signer, the signature and the bytes it must cover.
+_Check: TypeAlias = tuple[str, bytes, bytes]
+
+
 class SignatureChecks:
     """The Ed25519 checks a run of messages still needs (:meth:`Verifier.plan_checks`)."""
 
@@ -793,8 +805,8 @@ class SignatureChecks:
 
     def __init__(
         self,
-        groups: list[tuple[int, tuple[str, bytes, bytes] | None]],
-        checks: dict[tuple[str, bytes, bytes], Ed25519PublicKey],
+        groups: list[tuple[int, _Check | None]],
+        checks: dict[_Check, Ed25519PublicKey],
     ) -> None:
         # Runs of messages judged together (a whole batch, or one message) and
         # the check each depends on (None: it already failed); each distinct
@@ -807,14 +819,20 @@ class SignatureChecks:
         """How many Ed25519 verifications :meth:`run` will do."""
         return len(self._checks)
 
-    def run(self) -> list[bool]:
-        """Do the checks: True per message whose signature verifies."""
+    def run(self) -> list[bool | None]:
+        """Do the checks; per message, in order, what they found.
+
+        True: the signature verifies. False: every other check passed and the
+        Ed25519 one failed, so the full check would raise
+        ``InvalidSignatureError("the signature does not verify")``. None: an
+        earlier check failed; the full check says which.
+        """
         verdicts = {
             check: _verifies(key, check[1], check[2]) for check, key in self._checks.items()
         }
-        results: list[bool] = []
+        results: list[bool | None] = []
         for size, check in self._groups:
-            results += [check is not None and verdicts[check]] * size
+            results += [None if check is None else verdicts[check]] * size
         return results
 
 

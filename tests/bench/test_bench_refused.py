@@ -34,7 +34,9 @@ def _bench() -> ModuleType:
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, debug_error_string=details
+    )
 
 
 REFUSED = "Stream removed (RST_STREAM (Received RST_STREAM with error code 7))"
@@ -90,3 +92,19 @@ async def test_a_refused_send_is_sent_again_unchanged() -> None:
             with pytest.raises(grpc.aio.AioRpcError):
                 await bench._send_rpc(stubborn, server.identity.did)()
             assert len(stubborn.requests) == bench.REFUSED_ATTEMPTS
+            # Counted as re-sent: every attempt but the last, which fails the call.
+            assert bench.REFUSED[0] == 2 + bench.REFUSED_ATTEMPTS - 1
+
+            # An UNAVAILABLE from sigwire itself (it carries status details) is
+            # not grpc's refusal, whatever its text says.
+            sigwire_says = grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(("grpc-status-details-bin", b"\x08\x0e")),
+                REFUSED,
+                debug_error_string=REFUSED,
+            )
+            draining = _Failing(channel, [sigwire_says])
+            with pytest.raises(grpc.aio.AioRpcError):
+                await bench._send_rpc(draining, server.identity.did)()
+            assert len(draining.requests) == 1

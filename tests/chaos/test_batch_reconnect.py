@@ -51,8 +51,8 @@ class Agent:
         dispatcher = self.server.dispatcher
         admit = dispatcher.admit
 
-        def recording(envelope: sigwire.Envelope, *, authenticated: bool = False) -> bool:
-            fresh = admit(envelope, authenticated=authenticated)
+        def recording(envelope: sigwire.Envelope, **checks: bool) -> bool:
+            fresh = admit(envelope, **checks)
             self.admitted.append((envelope, fresh))
             if not fresh:
                 self.duplicates.put_nowait(envelope.id)

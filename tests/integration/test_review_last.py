@@ -60,8 +60,8 @@ def _instrument(server: sigwire.Server, rec: Recorder, monkeypatch: pytest.Monke
     dispatcher = server.dispatcher
     admit = dispatcher.admit
 
-    def recording(envelope: sigwire.Envelope, *, authenticated: bool = False) -> bool:
-        fresh = admit(envelope, authenticated=authenticated)
+    def recording(envelope: sigwire.Envelope, **checks: bool) -> bool:
+        fresh = admit(envelope, **checks)
         rec.admitted.append((envelope, fresh))
         if envelope.kind == "work":
             rec.arrivals.put_nowait(envelope)

@@ -88,8 +88,8 @@ def _record_admitted(
     dispatcher = server.dispatcher
     admit = dispatcher.admit
 
-    def recording(envelope: sigwire.Envelope, *, authenticated: bool = False) -> bool:
-        fresh = admit(envelope, authenticated=authenticated)
+    def recording(envelope: sigwire.Envelope, **checks: bool) -> bool:
+        fresh = admit(envelope, **checks)
         admitted.append(envelope)
         return fresh
 

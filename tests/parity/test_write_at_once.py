@@ -87,9 +87,9 @@ async def test_requests_sent_together_arrive_in_order_and_batched(
         signed: list[sigwire.Envelope] = []
         admit = server.dispatcher.admit
 
-        def recording(envelope: sigwire.Envelope, *, authenticated: bool = False) -> bool:
+        def recording(envelope: sigwire.Envelope, **checks: bool) -> bool:
             signed.append(envelope)
-            return admit(envelope, authenticated=authenticated)
+            return admit(envelope, **checks)
 
         server.dispatcher.admit = recording  # type: ignore[method-assign]
         replies = await asyncio.gather(*(peer.request("note", p) for p in payloads))
