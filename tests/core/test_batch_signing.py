@@ -90,20 +90,6 @@ def _with_proof(message: Any, proof: BatchProof | None) -> Any:
     )
 
 
-@pytest.fixture
-def verifications(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """Every Ed25519 verification the signing module performs, by the bytes verified."""
-    seen: list[bytes] = []
-    real = signing._verifies
-
-    def counting(key: Any, value: bytes, data: bytes) -> bool:
-        seen.append(data)
-        return real(key, value, data)
-
-    monkeypatch.setattr(signing, "_verifies", counting)
-    return seen
-
-
 # --- signing --------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from typing import Any
 
 import grpc.aio
 import pytest
@@ -32,23 +31,13 @@ async def test_one_forged_envelope_in_a_batch_fails_alone(
     server: sigwire.Server,
     open_channel: OpenChannel,
     client_identity: sigwire.Identity,
-    monkeypatch: pytest.MonkeyPatch,
+    verifications: list[bytes],
 ) -> None:
     """In a frame of envelopes verified together, only the forged one is refused.
 
     Each signature is verified once: the forged one is refused on the frame's
     verdict, not verified again on the event loop.
     """
-    from sigwire import signing
-
-    verified: list[bytes] = []
-    real = signing._verifies
-
-    def counting(key: Any, value: bytes, data: bytes) -> bool:
-        verified.append(value)
-        return real(key, value, data)
-
-    monkeypatch.setattr(signing, "_verifies", counting)
     call = open_channel(server.urls[0]).stream_stream("/sigwire.v1.AgentTransport/Connect")()
 
     def sign(kind: str, payload: bytes = b"") -> sigwire.Envelope:
@@ -82,7 +71,7 @@ async def test_one_forged_envelope_in_a_batch_fails_alone(
     assert all(replies[e.id].success for e in good)
     assert not replies[forged.id].success
     assert replies[forged.id].error.reason == "SIGNATURE_INVALID"
-    assert sorted(verified) == sorted(e.signature.value for e in [hello, *batch] if e.signature)
+    assert sorted(verifications) == sorted(e.signing_input() for e in [hello, *batch])
 
 
 async def test_a_forged_reply_among_genuine_ones_fails_its_call_alone(
