@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=ReplayGuard().capacity,
         metavar="N",
         help=(
-            "nonces the replay guard remembers, about 280 bytes each (default %(default)s); "
+            "nonces the replay guard remembers, about 210 bytes each (default %(default)s); "
             "beyond N/660 new envelopes per second it forgets the oldest and refuses "
             "envelopes created at or before them: the replay window shrinks to about "
             "N/rate seconds (docs/security.md)"

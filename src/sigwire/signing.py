@@ -12,11 +12,11 @@ they have never met.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import hashlib
 import os
+import struct
 import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, Self, TypeAlias, TypeVar
@@ -565,12 +565,20 @@ class Verifier:
         self.check_signature(card.signature, card.did, card.signing_input())
 
 
-# A seen nonce: (content digest, expiry in ms, the envelope's created_at_ms).
-# The garbage collector stops tracking a tuple of a bytes and ints after its
-# first collection, so a full cache (a million entries by default) adds
-# nothing to its scans; as many small objects would each cost a visit, a pause
-# of a good part of a second in every full collection.
-_Seen = tuple[bytes, int, int]
+# A seen nonce is two byte strings, and no other object: a dict of bytes
+# to bytes is not tracked by the garbage collector, so a full guard (a
+# million nonces by default) adds nothing to its collections (an OrderedDict
+# of tuples added ~50 ms to every full one, and a tuple per envelope to every
+# young one).
+#
+# _seen maps its key to its content digest followed by its sequence number;
+# _queue holds one fixed-size record per nonce, in the order they were
+# recorded (expiry order): key, sequence number, expiry and created_at_ms. A
+# record whose sequence number is not its key's in _seen belongs to an entry
+# released since, and is skipped.
+_RECORD = struct.Struct(">16sQqq")
+_SEQUENCE = struct.Struct(">Q")
+_DIGEST_LENGTH = 32
 
 
 class ReplayGuard:
@@ -629,7 +637,9 @@ class ReplayGuard:
         self.floor_ms: int | None = None
         #: Live entries forgotten to make room, since the guard was made.
         self.forgotten = 0
-        self._seen: collections.OrderedDict[bytes, _Seen] = collections.OrderedDict()
+        self._seen: dict[bytes, bytes] = {}
+        self._queue = bytearray()
+        self._sequence = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -665,7 +675,7 @@ class ReplayGuard:
             self._expire(now)
             known = seen.get(key)
             if known is not None:
-                if known[0] == digest:
+                if known[:_DIGEST_LENGTH] == digest:
                     return False
                 raise ReplayError("nonce already used by another message from this sender")
             floor = self.floor_ms
@@ -676,16 +686,17 @@ class ReplayGuard:
                 # whatever was created no later than it (it could be that one).
                 # Not one dated in the last future_ms: envelopes dated ahead
                 # would push the floor into the present and refuse everyone.
-                oldest = next(iter(seen.values()))[2]
-                if oldest > now - self.future_ms:
+                oldest = self._oldest()
+                if oldest[3] > now - self.future_ms:
                     raise OverloadedError(
                         f"replay cache is full ({self.capacity} nonces, none older than "
                         f"{self.future_ms} ms); try again shortly"
                     )
-                seen.popitem(last=False)
-                self._raise_floor(oldest)
+                self._forget(oldest)
                 self.forgotten += 1
-            seen[key] = (digest, now + self.ttl_ms, created)
+            self._sequence += 1
+            seen[key] = digest + _SEQUENCE.pack(self._sequence)
+            self._queue += _RECORD.pack(key, self._sequence, now + self.ttl_ms, created)
             return True
 
     def release(self, envelope: Envelope) -> None:
@@ -695,10 +706,44 @@ class ReplayGuard:
         down), so that the sender may re-send the very same envelope.
         """
         key = _nonce_key(envelope.sender, envelope.nonce)
+        digest = _content_digest(envelope)
         with self._lock:
-            seen = self._seen.get(key)
-            if seen is not None and seen[0] == _content_digest(envelope):
-                del self._seen[key]
+            seen = self._seen
+            value = seen.get(key)
+            if value is None or value[:_DIGEST_LENGTH] != digest:
+                return
+            del seen[key]
+            queue = self._queue
+            last = len(queue) - _RECORD.size
+            if last >= 0 and queue[last : last + 16] == key:
+                # Refused right after it was recorded: the last record, taken back.
+                del queue[last:]
+            elif len(queue) > 2 * _RECORD.size * (len(seen) + 1024):
+                # Mostly records of released entries: keep the others only.
+                self._queue = bytearray().join(
+                    queue[at : at + _RECORD.size]
+                    for at in range(0, len(queue), _RECORD.size)
+                    if self._live(_RECORD.unpack_from(queue, at))
+                )
+
+    def _live(self, record: tuple[bytes, int, int, int]) -> bool:
+        value = self._seen.get(record[0])
+        return value is not None and _SEQUENCE.unpack_from(value, _DIGEST_LENGTH)[0] == record[1]
+
+    def _oldest(self) -> tuple[bytes, int, int, int]:
+        # The record of the oldest entry; the queue is not empty while _seen is not.
+        queue = self._queue
+        while True:
+            record: tuple[bytes, int, int, int] = _RECORD.unpack_from(queue)
+            if self._live(record):
+                return record
+            del queue[: _RECORD.size]  # O(1): a bytearray shrinks from the front in place
+
+    def _forget(self, record: tuple[bytes, int, int, int]) -> None:
+        # Let go of the oldest entry (``record``, from _oldest).
+        del self._seen[record[0]]
+        del self._queue[: _RECORD.size]
+        self._raise_floor(record[3])
 
     def _raise_floor(self, created_at_ms: int) -> None:
         floor = self.floor_ms
@@ -706,17 +751,15 @@ class ReplayGuard:
             self.floor_ms = created_at_ms
 
     def _expire(self, now: int) -> None:
-        # Insertion order is expiry order (constant TTL, monotone enough clock),
-        # so expired entries are always at the front. An expired envelope is
+        # Records are in expiry order (constant TTL, monotone enough clock), so
+        # expired entries are always at the front. An expired envelope is
         # older than the window allows, but a clock stepped back could make it
         # acceptable again: the floor keeps it out whatever the clock does.
-        seen = self._seen
-        while seen:
-            entry = next(iter(seen.values()))
-            if entry[1] > now:
+        while self._seen:
+            oldest = self._oldest()
+            if oldest[2] > now:
                 break
-            seen.popitem(last=False)
-            self._raise_floor(entry[2])
+            self._forget(oldest)
 
 
 def _prepare(
