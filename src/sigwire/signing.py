@@ -567,9 +567,11 @@ class Verifier:
 
 # A seen nonce is two byte strings, and no other object: a dict of bytes
 # to bytes is not tracked by the garbage collector, so a full guard (a
-# million nonces by default) adds nothing to its collections (an OrderedDict
-# of tuples added ~50 ms to every full one, and a tuple per envelope to every
-# young one).
+# million nonces by default) adds nothing to its collections. An OrderedDict
+# is always tracked, and visiting its entries added ~40 ms to every full
+# collection; a plain dict of tuples would be tracked again by every insert
+# of a new tuple, until the next full collection; and each tuple cost the
+# young generation an object.
 #
 # _seen maps its key to its content digest followed by its sequence number;
 # _queue holds one fixed-size record per nonce, in the order they were
@@ -579,6 +581,7 @@ class Verifier:
 _RECORD = struct.Struct(">16sQqq")
 _SEQUENCE = struct.Struct(">Q")
 _DIGEST_LENGTH = 32
+_MAX_TTL_MS = 2**62  # with any Unix-ms clock, an expiry still fits a signed 64-bit record
 
 
 class ReplayGuard:
@@ -627,6 +630,8 @@ class ReplayGuard:
         self.ttl_ms = 2 * window if ttl_ms is None else ttl_ms
         if self.ttl_ms < 2 * window:
             raise ValueError("ttl_ms must be at least twice the window (past_ms + future_ms)")
+        if self.ttl_ms > _MAX_TTL_MS:
+            raise ValueError(f"ttl_ms must be at most {_MAX_TTL_MS} (expiries are 64-bit)")
         if capacity < 1:
             raise ValueError("capacity must be positive")
         self.past_ms = past_ms
@@ -694,9 +699,12 @@ class ReplayGuard:
                     )
                 self._forget(oldest)
                 self.forgotten += 1
-            self._sequence += 1
-            seen[key] = digest + _SEQUENCE.pack(self._sequence)
-            self._queue += _RECORD.pack(key, self._sequence, now + self.ttl_ms, created)
+            sequence = self._sequence + 1
+            # Packed first: should it fail, nothing has changed.
+            record = _RECORD.pack(key, sequence, now + self.ttl_ms, created)
+            self._sequence = sequence
+            seen[key] = digest + _SEQUENCE.pack(sequence)
+            self._queue += record
             return True
 
     def release(self, envelope: Envelope) -> None:
