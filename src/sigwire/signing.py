@@ -578,7 +578,9 @@ class Verifier:
 # recorded (expiry order): key, sequence number, expiry and created_at_ms. A
 # record whose sequence number is not its key's in _seen belongs to an entry
 # released since, and is skipped.
-_RECORD = struct.Struct(">16sQqq")
+_KEY_LENGTH = 16  # _nonce_key's digest
+_RECORD = struct.Struct(f">{_KEY_LENGTH}sQqq")
+_Record: TypeAlias = tuple[bytes, int, int, int]
 _SEQUENCE = struct.Struct(">Q")
 _DIGEST_LENGTH = 32
 _MAX_TTL_MS = 2**62  # with any Unix-ms clock, an expiry still fits a signed 64-bit record
@@ -723,7 +725,7 @@ class ReplayGuard:
             del seen[key]
             queue = self._queue
             last = len(queue) - _RECORD.size
-            if last >= 0 and queue[last : last + 16] == key:
+            if last >= 0 and queue[last : last + _KEY_LENGTH] == key:
                 # Refused right after it was recorded: the last record, taken back.
                 del queue[last:]
             elif len(queue) > 2 * _RECORD.size * (len(seen) + 1024):
@@ -734,20 +736,20 @@ class ReplayGuard:
                     if self._live(_RECORD.unpack_from(queue, at))
                 )
 
-    def _live(self, record: tuple[bytes, int, int, int]) -> bool:
+    def _live(self, record: _Record) -> bool:
         value = self._seen.get(record[0])
         return value is not None and _SEQUENCE.unpack_from(value, _DIGEST_LENGTH)[0] == record[1]
 
-    def _oldest(self) -> tuple[bytes, int, int, int]:
+    def _oldest(self) -> _Record:
         # The record of the oldest entry; the queue is not empty while _seen is not.
         queue = self._queue
         while True:
-            record: tuple[bytes, int, int, int] = _RECORD.unpack_from(queue)
+            record: _Record = _RECORD.unpack_from(queue)
             if self._live(record):
                 return record
             del queue[: _RECORD.size]  # O(1): a bytearray shrinks from the front in place
 
-    def _forget(self, record: tuple[bytes, int, int, int]) -> None:
+    def _forget(self, record: _Record) -> None:
         # Let go of the oldest entry (``record``, from _oldest).
         del self._seen[record[0]]
         del self._queue[: _RECORD.size]
@@ -911,4 +913,4 @@ def _content_digest(envelope: Envelope) -> bytes:
 
 def _nonce_key(sender: str, nonce: bytes) -> bytes:
     # A fixed-size digest bounds memory per entry whatever the field sizes.
-    return hashlib.blake2b(sender.encode() + b"\x00" + nonce, digest_size=16).digest()
+    return hashlib.blake2b(sender.encode() + b"\x00" + nonce, digest_size=_KEY_LENGTH).digest()
