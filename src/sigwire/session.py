@@ -563,6 +563,12 @@ class Session:
                 except Exception:
                     raise EnvelopeError("undecodable frame") from None
                 await self._take(frame)
+                # Let the loop run once per frame. A recv that finds a frame
+                # queued (websockets, the in-memory pipe) returns without
+                # suspending, and the tasks this frame's handlers left to end
+                # on the next iteration would pile up frame after frame: the
+                # collector walked hundreds of them, 4x as often as over gRPC.
+                await asyncio.sleep(0)
         except SigwireError as exc:
             self._begin_close(exc)
         except Exception as exc:
