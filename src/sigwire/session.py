@@ -864,6 +864,14 @@ class Session:
                     done = self._write_done = asyncio.get_running_loop().create_future()
                     await done
                     continue
+                if queue.qsize() < _BATCH_MESSAGES:
+                    # Room left in the frame: let the loop run once, so callers
+                    # woken in the same pass as this writer (those of a frame
+                    # of replies just read) join it. Without this a pipelined
+                    # stream settled into frames of 1 and 31, each frame of one
+                    # paying a whole signature and verification. Nothing is
+                    # written at once meanwhile: the queue is not empty.
+                    await asyncio.sleep(0)
                 batch = [queue.get_nowait()]
                 size = 0
                 while not queue.empty() and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
