@@ -125,10 +125,11 @@ async def _check_batch(items: list[tuple[Signature | None, str, bytes]]) -> list
     checks = Verifier.plan_checks(items)
     if checks.count > _INLINE_CHECKS:
         return await asyncio.to_thread(checks.run)
-    # No yield here: a gRPC read always goes round the loop, and a WebSocket
-    # reader takes at most the peer's window of frames (8 of 32 by default,
-    # ~14 ms of work) before it waits. Yielding once per frame anyway cost
-    # the gRPC Connect stream ~6% (scripts/bench, A/B).
+    # No yield here, between a frame's checks and its handlers: that cost
+    # the gRPC Connect stream ~6% (scripts/bench, A/B). The reader yields
+    # once the frame's handlers have started instead (Session._reader),
+    # which measured within noise on either transport (docs/performance.md,
+    # step 18).
     return checks.run()
 
 
