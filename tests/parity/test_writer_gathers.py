@@ -11,7 +11,6 @@ Ed25519 signature and verification, on each side, for one message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,51 +19,18 @@ import sigwire.session
 from sigwire.envelope import Envelope
 from sigwire.session import _BATCH_MESSAGES, Session
 from tests.conftest import TIMEOUT
-from tests.servers import LOCAL
+from tests.parity.conftest import Probe
 
-TRANSPORTS = ("grpc", "ws", "memory")
 LATE = _BATCH_MESSAGES - 1
 
 
-class _Hold:
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-
-
-@pytest.fixture
-async def server(server_identity: sigwire.Identity) -> AsyncIterator[tuple[sigwire.Server, _Hold]]:
-    hold = _Hold()
-    server = sigwire.Server(
-        server_identity, grpc=LOCAL, ws=LOCAL, memory=f"gathers-{id(server_identity)}"
-    )
-
-    @server.on("note")
-    async def note(msg: sigwire.Message) -> bytes:
-        return msg.payload
-
-    @server.on("hold")
-    async def held(msg: sigwire.Message) -> bytes:
-        hold.entered.set()
-        await hold.release.wait()
-        return msg.payload
-
-    async with asyncio.timeout(TIMEOUT):
-        await server.start()
-    yield server, hold
-    async with asyncio.timeout(TIMEOUT):
-        await server.stop(grace=0)
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_requests_queued_in_one_pass_of_the_loop_share_a_frame(
-    server: tuple[sigwire.Server, _Hold],
+    url: str,
+    probe: Probe,
     client_identity: sigwire.Identity,
-    transport: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One request queued, 31 callers woken just after it: one frame of 32, not 1 then 31."""
-    agent, hold = server
     frames: list[list[bytes]] = []
     flush = Session._flush
 
@@ -79,21 +45,20 @@ async def test_requests_queued_in_one_pass_of_the_loop_share_a_frame(
     # unacknowledged, so the next request queues for the writer instead of
     # being written at once, as it does on a stream with requests in flight.
     monkeypatch.setattr(sigwire.session, "_ACK_DELAY", TIMEOUT * 2)
-    url = agent.urls[TRANSPORTS.index(transport)]
     async with (
         asyncio.timeout(TIMEOUT),
         sigwire.connect(url, identity=client_identity, learn_endpoints=False) as peer,
     ):
-        await peer.request("note", b"warm-up")
+        await peer.request("echo", b"warm-up")
         monkeypatch.setattr(Session, "_flush", recording)
-        held = asyncio.create_task(peer.request("hold", b"held"))
-        await hold.entered.wait()
+        held = asyncio.create_task(peer.request("block", b"held"))
+        assert await probe.entered.get() == b"held"
         loop = asyncio.get_running_loop()
         gates = [loop.create_future() for _ in range(LATE)]
 
         async def late(i: int) -> sigwire.Reply:
             await gates[i]
-            return await peer.request("note", b"late %d" % i)
+            return await peer.request("echo", b"late %d" % i)
 
         waiting = [asyncio.create_task(late(i)) for i in range(LATE)]
         await asyncio.sleep(0)  # every late caller waits at its gate
@@ -101,11 +66,11 @@ async def test_requests_queued_in_one_pass_of_the_loop_share_a_frame(
         # writer, then opens the gates: the late callers run in the pass
         # after, behind the writer's wake-up, as callers woken by a frame of
         # replies do.
-        queued = asyncio.create_task(peer.request("note", b"queued"))
+        queued = asyncio.create_task(peer.request("echo", b"queued"))
         loop.call_soon(lambda: [gate.set_result(None) for gate in gates])
         replies = await asyncio.gather(queued, *waiting)
-        hold.release.set()
-        assert (await held).data == b"held"
+        probe.gate.set()
+        assert (await held).data == b"released held"
         monkeypatch.undo()
         assert peer.reconnects == 0
     assert [r.data for r in replies] == [b"queued"] + [b"late %d" % i for i in range(LATE)]
