@@ -435,7 +435,7 @@ class ReplyCache:
             if stored is not None:
                 # Answered before a restart: serve it, never run the handler again.
                 entry = Answer()
-                entry.replies = [_proto.decode_reply(data) for data in stored]
+                entry.replies = [_proto.decode_reply(data) for data in stored[1]]
                 self._entries[key] = entry
                 self.finish(entry, key, persist=False)
                 self._evict()

@@ -7,6 +7,7 @@ Every error sigwire raises derives from :class:`SigwireError`::
             * UnsupportedSchemeError    .scheme, .supported
         * KeyFileError                  unreadable or unsafe private key file
             * InsecureKeyFileError      readable by group or others (like ssh)
+        * StoreError                    unusable --store file, or one in use
         * EnvelopeError                 undecodable or incomplete message (MALFORMED)
             * MessageTooLargeError      over the size limit (PAYLOAD_TOO_LARGE)
         * MisdirectedError              addressed to another agent (RECIPIENT_MISMATCH)
@@ -72,6 +73,7 @@ __all__ = [
     "SigningError",
     "SigwireError",
     "StaleMessageError",
+    "StoreError",
     "TransportError",
     "UnknownSignerError",
     "UnsupportedAlgorithmError",
@@ -158,6 +160,16 @@ class InsecureKeyFileError(KeyFileError):
             f"by its owner only (chmod 600 {path})",
         )
         self.mode = mode
+
+
+class StoreError(SigwireError):
+    """A server's store that cannot be used: not a database, damaged, or open elsewhere."""
+
+    default_reason = "STORE"
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"store {path}: {problem}")
+        self.path = path
 
 
 class EnvelopeError(SigwireError):

@@ -65,7 +65,12 @@ class Server:
         keepalive: Seconds between HTTP/2 keepalive pings.
         replay_guard: Replay window and nonce cache (default: 5 min back, 30 s ahead).
         store: A SQLite file (or :class:`~sigwire.store.SqliteStore`) keeping the
-            push outbox and the reply cache across restarts; default: memory.
+            push outbox, the reply cache and the hellos seen across restarts;
+            default: memory. A file given by path is opened here (and locked:
+            one server per store) and closed by :meth:`stop`.
+
+    Raises:
+        StoreError: The store file cannot be used, or another process has it open.
     """
 
     def __init__(
@@ -93,6 +98,8 @@ class Server:
         self.limits = limits or Limits()
         self.session_options = session or SessionOptions(window=self.limits.window)
         self.verifier = Verifier(trust, require_signatures=require_signatures)
+        # A store opened from a path is this server's own: closed at stop.
+        self._store_path = store if isinstance(store, str | os.PathLike) else None
         self.store = SqliteStore(store) if isinstance(store, str | os.PathLike) else store
         self.dispatcher = Dispatcher(
             identity,
@@ -143,6 +150,8 @@ class Server:
             return
         if not self._listeners:
             raise ValueError("give at least one listener (grpc=..., ws=... or memory=...)")
+        if self._store_path is not None and self.store is not None and self.store.closed:
+            self.store = self.dispatcher.cache.store = SqliteStore(self._store_path)
         self._started = True
         self.dispatcher.accepting = True
         try:
@@ -190,6 +199,8 @@ class Server:
         self._outboxes.clear()
         if self.store is not None:
             self.store.prune()
+            if self._store_path is not None:
+                self.store.close()  # and its lock: the next server may open it
         self._stopped.set()
         log.info("sigwire agent %s stopped", self.identity.did)
 
@@ -317,17 +328,19 @@ class Server:
             self._withdraw(did, call)
 
     def _enqueue(self, did: str, envelope: Envelope, expires_ms: int) -> PendingCall:
-        outbox = self._outboxes.setdefault(did, {})
+        outbox = self._outboxes.get(did, {})
         if len(outbox) >= self.limits.outbox_size:
             raise OverloadedError(
                 f"the outbox for {did} is full ({self.limits.outbox_size} pushes)",
                 details={"did": did},
             )
-        call = self.correlator.add(envelope, expected_responder=did)
-        outbox[envelope.id] = call
         if self.store is not None:
+            # First: a full store refuses the push (OverloadedError) before it is queued.
             data = _proto.envelope_to_pb(envelope).SerializeToString()
             self.store.add_push(did, envelope.id, data, expires_ms)
+        call = self.correlator.add(envelope, expected_responder=did)
+        self._outboxes[did] = outbox
+        outbox[envelope.id] = call
         return call
 
     def _withdraw(self, did: str, call: PendingCall) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import sys
 
 import sigwire
-from sigwire.store import SqliteStore
 
 
 async def main(store: str, grpc_port: str, ws_port: str, did: str, count: int, key: str) -> None:
@@ -31,7 +30,8 @@ async def main(store: str, grpc_port: str, ws_port: str, did: str, count: int, k
     for _ in range(count):
         await asyncio.sleep(0)  # each task enqueues (and stores) its push in order
     if count:
-        stored = len(SqliteStore(store).pending_pushes())
+        assert server.store is not None
+        stored = len(server.store.pending_pushes())
         print(f"accepted {stored}", flush=True)
     await asyncio.Event().wait()
     del pushes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,8 @@ async def test_stored_push_survives_a_restart(
         await first.stop(grace=0)
         with pytest.raises(sigwire.ShuttingDownError):
             await pushing
-        assert [did for did, _, _ in SqliteStore(path).pending_pushes()] == [client_identity.did]
+        with contextlib.closing(SqliteStore(path)) as store:
+            assert [did for did, _, _ in store.pending_pushes()] == [client_identity.did]
 
         second = await make_server(store=path)
         got = asyncio.Event()
@@ -127,7 +129,8 @@ async def test_stored_push_survives_a_restart(
             # has taken the push's reply, which retires it.
             assert (await peer.request("echo", b"after")).data == b"after"
     assert second._outboxes == {}
-    assert SqliteStore(path).pending_pushes() == []
+    assert second.store is not None
+    assert second.store.pending_pushes() == []
 
 
 async def test_stored_answer_survives_a_restart(
