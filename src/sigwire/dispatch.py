@@ -15,6 +15,7 @@ import asyncio
 import collections
 import contextvars
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
@@ -211,8 +212,10 @@ class Answer:
         self.done = False
         self.expires = 0.0
         self.size = 0
-        # What was asked (None for answers restored from a store).
-        self.content: int | None = None
+        # What was asked: the process-keyed hash of the request (answers made
+        # here), the digest kept with it (answers restored from a store), or
+        # None (stored before digests were kept). See _same_request.
+        self.content: int | bytes | None = None
         # Made only while someone follows or watches.
         self._changed: asyncio.Event | None = None
         self._watchers: list[Callable[[], None]] | None = None
@@ -435,7 +438,8 @@ class ReplyCache:
             if stored is not None:
                 # Answered before a restart: serve it, never run the handler again.
                 entry = Answer()
-                entry.replies = [_proto.decode_reply(data) for data in stored[1]]
+                entry.content, replies = stored
+                entry.replies = [_proto.decode_reply(data) for data in replies]
                 self._entries[key] = entry
                 self.finish(entry, key, persist=False)
                 self._evict()
@@ -455,11 +459,13 @@ class ReplyCache:
         last: Reply | None = None,
         *,
         persist: bool = True,
+        asked: bytes | None = None,
     ) -> None:
         """Mark an entry complete, with ``last`` as its final reply if given.
 
         It expires ``ttl`` seconds from now. Readers see ``last`` only once
-        the whole answer is complete (and persisted, with a store).
+        the whole answer is complete (and persisted, with a store, along with
+        ``asked``, the ``_asked`` digest of its request).
         """
         if last is not None:
             entry.replies.append(last)
@@ -469,7 +475,7 @@ class ReplyCache:
         if persist and key is not None and self.store is not None:
             data = [_proto.reply_to_pb(reply).SerializeToString() for reply in entry.replies]
             try:
-                self.store.put_answer(key[0], key[1], data, self.ttl)
+                self.store.put_answer(key[0], key[1], data, self.ttl, asked)
             except Exception:
                 # The answer stands (the peer gets it) but would not survive a
                 # restart; a stuck entry would lose it and its waiters for good.
@@ -660,15 +666,20 @@ class Dispatcher:
             if exc.floor_ms is None or envelope.kind == HELLO_KIND:
                 raise
             entry = self.cache.get(key)
-            if entry is None or entry.content != _content(envelope):
-                raise  # (an answer restored from a store does not know what was asked)
+            if entry is None or not _same_request(entry, envelope):
+                raise
             fresh = False
         else:
             if envelope.kind == HELLO_KIND:
                 return self._hello(envelope, session, fresh)
             entry = self.cache.get(key)
-        if entry is not None and entry.content not in (None, _content(envelope)):
+        if entry is not None and not _same_request(entry, envelope):
             # Same id, other request: its cached answer must not pass for this one's.
+            if entry.content is None:
+                raise ReplayError(
+                    "this id was answered before the agent kept what was asked: "
+                    "only an exact re-send of that request is answered"
+                )
             raise ReplayError("this id was already used for a different request")
         if entry is None:
             if not fresh:
@@ -821,7 +832,8 @@ class Dispatcher:
         self.handled += 1
         # The final reply is published with the answer complete (and stored,
         # with a store): whoever sends it on sends a persisted answer.
-        self.cache.finish(entry, key, last)
+        asked = _asked(envelope) if self.cache.store is not None else None
+        self.cache.finish(entry, key, last, asked=asked)
 
     def reply(
         self, envelope: Envelope, result: HandlerResult, *, sequence: int = 0, final: bool = True
@@ -903,6 +915,49 @@ def _content(envelope: Envelope) -> int:
             tuple(sorted(envelope.metadata.items())),
         )
     )
+
+
+def _same_request(entry: Answer, envelope: Envelope) -> bool:
+    # Whether ``entry`` answers what ``envelope`` asks: an id may come again
+    # with other content (a replayed id, a buggy client), and the answer to
+    # the first must never pass for the second's.
+    content = entry.content
+    if isinstance(content, int):
+        return content == _content(envelope)
+    if content is not None:
+        if content != _asked(envelope):
+            return False
+        entry.content = _content(envelope)  # matched once: the cheap form from now on
+        return True
+    # Stored without a digest (an older store): only the very request that
+    # was answered, signature and all, is known to ask the same.
+    return bool(entry.replies) and entry.replies[0].request_digest == envelope.digest()
+
+
+_ASKED = b"sigwire asked v1\x00"
+
+
+def _asked(envelope: Envelope) -> bytes:
+    # What a request asks, as _content, but the same in every process and
+    # version: it is kept with the answer in a store. Each field is length-
+    # prefixed (the payload by its SHA-256), so no two requests encode alike.
+    parts = [_ASKED]
+    items = sorted(envelope.metadata.items())
+    texts = [
+        envelope.kind,
+        envelope.recipient,
+        envelope.context_id,
+        envelope.task_id,
+        envelope.role,
+        envelope.content_type,
+        *(text for item in items for text in item),
+    ]
+    parts.append(len(items).to_bytes(4, "big"))
+    for text in texts:
+        raw = text.encode("utf-8", "surrogatepass")
+        parts += (len(raw).to_bytes(4, "big"), raw)
+    parts.append(hashlib.sha256(envelope.payload).digest())
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 def _crashed(envelope: Envelope) -> HandlerError:

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 import sigwire
-from sigwire.envelope import now_ms
-from sigwire.errors import OverloadedError, StoreError
+from sigwire.dispatch import Answer, Dispatcher, Handlers, Limits
+from sigwire.envelope import Envelope, now_ms
+from sigwire.errors import OverloadedError, ReplayError, StoreError
 from sigwire.store import SCHEMA_VERSION, SqliteStore
 from tests.conftest import TIMEOUT
 
@@ -199,3 +200,46 @@ def test_an_unusable_store_path_raises_a_store_error(
     assert says in str(info.value)
     assert str(path) in str(info.value)
     assert info.value.__cause__ is None
+
+
+def _request(payload: bytes, id: str | None = None) -> Envelope:
+    return CLIENT.sign_envelope(Envelope.new("work", payload, sender=CLIENT.did, id=id))
+
+
+def _counting() -> tuple[Handlers, list[bytes]]:
+    handlers, runs = Handlers(), []
+
+    @handlers.on("work")
+    async def work(msg: sigwire.Message) -> bytes:
+        runs.append(msg.payload)
+        return b"done " + msg.payload
+
+    return handlers, runs
+
+
+async def test_a_store_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
+    """Its answers stay; not knowing what was asked, they answer an exact re-send only."""
+    path = tmp_path / "agent.db"
+    handlers, runs = _counting()
+    request = _request(b"pay 10")
+    with opened(path) as store:  # answered, then written back as schema 1 wrote it
+        assert isinstance(Dispatcher(SERVER, handlers, store=store).begin(request), Answer)
+        (blob,) = store._db.execute("SELECT replies FROM answers").fetchone()
+    path.unlink()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(_SCHEMA_1)
+        db.execute(
+            "INSERT INTO answers VALUES (?, ?, ?, ?)",
+            (CLIENT.did, request.id, blob, now_ms() + 600_000),
+        )
+        db.commit()
+    with opened(path) as store:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        restarted = Dispatcher(SERVER, handlers, limits=Limits(rate=None), store=store)
+        again = restarted.begin(request)
+        assert isinstance(again, Answer)
+        assert [r.data for r in again.replies] == [b"done pay 10"]
+        retry = CLIENT.sign_envelope(request.renewed())
+        with pytest.raises(ReplayError, match="only an exact re-send"):
+            restarted.begin(retry)
+    assert runs == [b"pay 10"]
