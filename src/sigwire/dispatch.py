@@ -577,6 +577,9 @@ class Dispatcher:
             TokenBuckets(self.limits.rate, self.limits.burst) if self.limits.rate else None
         )
         self.accepting = True
+        # Without a store, the hellos a previous process accepted are unknown:
+        # hellos created before this one started are refused (see _hello).
+        self.hello_floor_ms = now_ms() - 1
         self._said_guard_full = False
         self._running: set[asyncio.Task[None]] = set()
         self.handled = 0
@@ -743,6 +746,22 @@ class Dispatcher:
             # A replayed hello would bind this stream to someone else's DID
             # and route their pushes here.
             raise ReplayError("a hello is valid once")
+        # The guard knows the hellos of this process only. With a store, every
+        # hello accepted is recorded there before it binds, so a replay is
+        # refused after any number of restarts; without one, a hello created
+        # before this process started is refused (a client whose clock is
+        # behind ours gets in on a later reconnect, once its clock passes it).
+        store = self.cache.store
+        if store is not None:
+            if not store.add_hello(
+                _hello_key(envelope),
+                envelope.created_at_ms,
+                now_ms() + self.guard.ttl_ms,
+                keep_ms=self.guard.future_ms,
+            ):
+                raise ReplayError("a hello is valid once")
+        elif envelope.created_at_ms <= self.hello_floor_ms:
+            raise StaleMessageError(envelope.created_at_ms - now_ms(), floor_ms=self.hello_floor_ms)
         if self.buckets is not None:
             self.buckets.take(envelope.sender)
         session.bind(
@@ -958,6 +977,12 @@ def _asked(envelope: Envelope) -> bytes:
         parts += (len(raw).to_bytes(4, "big"), raw)
     parts.append(hashlib.sha256(envelope.payload).digest())
     return hashlib.sha256(b"".join(parts)).digest()
+
+
+def _hello_key(envelope: Envelope) -> bytes:
+    # A hello's (sender, nonce), as the replay guard keys it, at a fixed size.
+    sender = envelope.sender.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(len(sender).to_bytes(4, "big") + sender + envelope.nonce).digest()
 
 
 def _crashed(envelope: Envelope) -> HandlerError:

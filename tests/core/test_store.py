@@ -16,7 +16,7 @@ import pytest
 import sigwire
 from sigwire.dispatch import Answer, Dispatcher, Handlers, Limits
 from sigwire.envelope import Envelope, now_ms
-from sigwire.errors import OverloadedError, ReplayError, StoreError
+from sigwire.errors import OverloadedError, ReplayError, StaleMessageError, StoreError
 from sigwire.store import SCHEMA_VERSION, SqliteStore
 from tests.conftest import TIMEOUT
 
@@ -243,3 +243,21 @@ async def test_a_store_of_the_previous_schema_is_migrated(tmp_path: Path) -> Non
         with pytest.raises(ReplayError, match="only an exact re-send"):
             restarted.begin(retry)
     assert runs == [b"pay 10"]
+
+
+def test_hellos_past_the_cap_forget_the_oldest_and_raise_the_floor(tmp_path: Path) -> None:
+    """A full hello table forgets its oldest; hellos no newer than it are refused from then on."""
+    with opened(tmp_path / "agent.db", max_hellos=2) as store:
+        base, expires = store.hello_floor_ms, now_ms() + 600_000
+        with pytest.raises(StaleMessageError):  # made before the store knew of any
+            store.add_hello(b"z" * 32, base, expires, keep_ms=0)
+        assert store.add_hello(b"a" * 32, base + 1, expires, keep_ms=0)
+        assert store.add_hello(b"b" * 32, base + 2, expires, keep_ms=0)
+        assert not store.add_hello(b"a" * 32, base + 1, expires, keep_ms=0)
+        assert store.add_hello(b"c" * 32, base + 3, expires, keep_ms=0)
+        assert store.hello_floor_ms == base + 1
+        with pytest.raises(StaleMessageError):  # forgotten, so refused rather than new again
+            store.add_hello(b"a" * 32, base + 1, expires, keep_ms=0)
+        with pytest.raises(OverloadedError):  # none old enough to forget
+            store.add_hello(b"d" * 32, base + 4, expires, keep_ms=60_000)
+        assert store.hello_floor_ms == base + 1
