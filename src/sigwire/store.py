@@ -339,17 +339,26 @@ class SqliteStore:
         self._wrote()
 
     def _evict_answers(self) -> None:
-        # Oldest first (soonest to expire), until within both caps.
+        # Oldest first (soonest to expire), until within both caps; no more
+        # than that, and in batches, however many small answers a big one displaces.
         while self._answers > self.max_answers or self._answer_bytes > self.max_answer_bytes:
-            over = max(1, self._answers - self.max_answers)
             rows = self._db.execute(
                 "SELECT rowid, LENGTH(replies) FROM answers ORDER BY expires_ms LIMIT ?",
-                (min(over, _PRUNE_BATCH),),
+                (_PRUNE_BATCH,),
             ).fetchall()
             if not rows:
                 self._recount()
                 return
-            self._delete_answers(rows)
+            count = self._answers - self.max_answers
+            size = self._answer_bytes - self.max_answer_bytes
+            doomed = []
+            for row in rows:
+                if count <= 0 and size <= 0:
+                    break
+                doomed.append(row)
+                count -= 1
+                size -= row[1]
+            self._delete_answers(doomed)
 
     def get_answer(self, sender: str, envelope_id: str) -> tuple[bytes | None, list[bytes]] | None:
         """``(asked, replies)`` of the answer to ``(sender, id)``, if cached and live.
