@@ -4,8 +4,9 @@ Commands that need an identity take ``--key FILE`` and default to the per-user
 key (:func:`sigwire.keyfile.default_key_path`), created on first use.
 
 Every failure ends in one line on stderr, ``sigwire: error: ...``, saying what
-to do, and an exit status: 2 for a usage error (argparse), 1 for anything found
-at run time, 130 on Ctrl-C, 141 when stdout is a closed pipe (``| head``).
+to do, and an exit status: 2 for a usage error (a bad flag, value or
+combination of flags), 1 for anything found at run time, 130 on Ctrl-C, 141
+when stdout is a closed pipe (``| head``).
 A traceback is printed only with ``-v``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import importlib
 import importlib.metadata
 import json
@@ -33,6 +35,7 @@ from sigwire.client import connect
 from sigwire.dispatch import Limits
 from sigwire.errors import SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
+from sigwire.session import max_frame_size
 from sigwire.signing import AllowList, Identity, ReplayGuard
 from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import TlsClientConfig
@@ -47,11 +50,15 @@ log = logging.getLogger("sigwire.cli")
 
 
 class _CommandError(Exception):
-    """A problem with the command's input found at run time: one line, exit status 1."""
+    """A problem with the command's input: one line, exit status 1 (2 for misused flags)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _fail(message: str) -> NoReturn:
-    raise _CommandError(message)
+def _fail(message: str, *, usage: bool = False) -> NoReturn:
+    raise _CommandError(message, 2 if usage else 1)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -78,7 +85,7 @@ def _identity(args: argparse.Namespace) -> Identity:
 def _load_app(spec: str) -> Callable[[Any], None]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        _fail(f"--app takes MODULE:ATTR (e.g. myapp:register), not {spec!r}")
+        _fail(f"--app takes MODULE:ATTR (e.g. myapp:register), not {spec!r}", usage=True)
     # As uvicorn does: the current directory first, so that `--app myapp:register`
     # finds ./myapp.py without PYTHONPATH=.
     cwd = os.getcwd()
@@ -179,8 +186,10 @@ def build_server(args: argparse.Namespace) -> Server:
     from sigwire.server import Server
     from sigwire.transports.base import TlsServerConfig
 
+    if not args.grpc and not args.ws:
+        _fail("nothing to serve: give --grpc HOST:PORT, --ws HOST:PORT or both", usage=True)
     if bool(args.tls_cert) != bool(args.tls_key):
-        _fail("--tls-cert and --tls-key go together")
+        _fail("--tls-cert and --tls-key go together", usage=True)
     if args.tls_cert:
         _check_tls_files(args.tls_cert, args.tls_key, args.tls_ca)
     tls = TlsServerConfig(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
@@ -333,9 +342,10 @@ def _positive(text: str) -> int:
 def _message_size(text: str) -> int:
     value = _positive(text)
     # A signed envelope with its headers needs a few hundred bytes; grpc takes
-    # the limit as a C int.
-    if not 1024 <= value <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"must be between 1024 and {2**31 - 1} bytes, not {value}")
+    # the frame limit that follows from it as a C int.
+    if not 1024 <= value or max_frame_size(value) > 2**31 - 1:
+        largest = bisect.bisect(range(2**31), 2**31 - 1, key=max_frame_size) - 1
+        raise argparse.ArgumentTypeError(f"must be between 1024 and {largest} bytes, not {value}")
     return value
 
 
@@ -587,7 +597,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except BrokenPipeError:
         return _stdout_closed()
-    except (_CommandError, SigwireError, OSError) as exc:
+    except _CommandError as exc:
+        print(f"sigwire: error: {exc}", file=sys.stderr)
+        return exc.status
+    except (SigwireError, OSError) as exc:
         problem = str(exc)
     except KeyboardInterrupt:
         return 130

@@ -126,7 +126,6 @@ def test_app_in_the_current_directory_is_served(
     [
         ("nosuchapp:register", "no module named 'nosuchapp'"),
         ("myapp:regster", "has no attribute 'regster'"),
-        ("myapp", "MODULE:ATTR"),
     ],
 )
 def test_app_that_cannot_be_loaded_is_one_line(
@@ -217,6 +216,7 @@ def test_serve_with_an_unusable_store_is_one_line(
         (["send", "grpc://127.0.0.1:1", "echo", "--timeout", "inf"], "--timeout"),
         (["ping", "grpc://127.0.0.1:1", "--connect-timeout", "0"], "--connect-timeout"),
         (["serve", "--max-message-size", "0"], "--max-message-size"),
+        (["serve", "--max-message-size", str(2**31 - 1)], "--max-message-size"),
         (["serve", "--grace", "-1"], "--grace"),
         (["serve", "--ws-path", "nopath"], "--ws-path"),
         (["serve", "--grpc", "127.0.0.1"], "--grpc"),
@@ -232,6 +232,24 @@ def test_out_of_range_values_are_usage_errors(
     assert "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
     assert last.startswith(f"sigwire {args[0]}: error: argument {flag}"), last
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--grpc", ""], "nothing to serve"),
+        (["--tls-cert", "server.pem"], "--tls-cert and --tls-key go together"),
+        (["--app", "myapp"], "--app takes MODULE:ATTR"),
+    ],
+)
+def test_flags_that_cannot_work_together_are_usage_errors(
+    args: list[str], needle: str, key: str, env: dict[str, str]
+) -> None:
+    """serve with no listener, a certificate without its key or an --app without :ATTR: exit 2."""
+    result = _sigwire("serve", "--key", key, *args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"sigwire: error: {needle}"), result.stderr
 
 
 def test_non_utf8_data_is_refused_with_a_pointer_to_file(env: dict[str, str]) -> None:
