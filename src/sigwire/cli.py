@@ -79,7 +79,19 @@ def _identity(args: argparse.Namespace) -> Identity:
     # must not silently become a brand-new identity.
     if args.key is not None:
         return Identity.load(args.key)
-    return load_or_create_identity()
+    # A new per-user key is said out loud: a mistyped $SIGWIRE_KEY would
+    # otherwise run under a stranger's identity without a word.
+    path = default_key_path()
+    existed = path.exists()
+    identity = load_or_create_identity(path)
+    if not existed:
+        print(
+            f"sigwire: created a new identity {identity.did} in {path} "
+            "(--key FILE or $SIGWIRE_KEY picks another)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return identity
 
 
 def _load_app(spec: str) -> Callable[[Any], None]:

@@ -314,10 +314,13 @@ def test_send_without_stream_prints_every_part_of_a_streamed_answer(
         assert single.stdout == "once"
 
 
-def test_closed_stdout_ends_quietly(key: str, env: dict[str, str]) -> None:
+def test_closed_stdout_ends_quietly(tmp_path: Path, key: str, env: dict[str, str]) -> None:
     """A reader that closes the pipe (`| head`) ends the command without a word."""
+    client = tmp_path / "client.pem"
+    Identity.generate().save(client)
     with _serving("--key", key, "--grpc", f"127.0.0.1:{_free_port()}", env=env) as url:
-        for args in (["did", key], ["send", url, "count", "--data", "10000"]):
+        counted = ["send", url, "count", "--data", "10000", "--key", str(client)]
+        for args in (["did", key], counted):
             proc = subprocess.Popen(
                 [SIGWIRE, *args],
                 stdout=subprocess.PIPE,
@@ -356,3 +359,22 @@ def test_verbose_after_the_command_reaches_the_log_level() -> None:
     assert parser.parse_args(["did", "-v"]).verbose is True
     assert parser.parse_args(["-v", "did"]).verbose is True
     assert parser.parse_args(["did"]).verbose is False
+
+
+def test_a_newly_created_identity_is_announced_once(
+    tmp_path: Path, key: str, env: dict[str, str]
+) -> None:
+    """send without --key that creates the per-user key says so on stderr, the first time only."""
+    typo = tmp_path / "idnetity.pem"
+    with _serving("--key", key, "--grpc", f"127.0.0.1:{_free_port()}", env=env) as url:
+        mine = {**env, "SIGWIRE_KEY": str(typo)}
+        first = _sigwire("send", url, "echo", "--data", "hi", env=mine)
+        assert first.returncode == 0, first.stderr
+        did = Identity.load(typo).did
+        assert first.stderr == (
+            f"sigwire: created a new identity {did} in {typo} "
+            "(--key FILE or $SIGWIRE_KEY picks another)\n"
+        )
+        again = _sigwire("send", url, "echo", "--data", "hi", env=mine)
+        assert again.returncode == 0, again.stderr
+        assert again.stderr == ""
