@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
-from sigwire.errors import SigwireError
+from sigwire.errors import DeadlineExceededError, SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.session import max_frame_size
 from sigwire.signing import AllowList, Identity, ReplayGuard
@@ -269,16 +269,24 @@ async def _send(args: argparse.Namespace) -> int:
         out = sys.stdout.buffer
         # A streamed answer is printed whole, one part a line, with or without
         # --stream: the first part alone would be a silently truncated answer.
-        streamed = args.stream
-        async for part in peer.stream(args.kind, data, timeout=args.timeout):
-            streamed = streamed or not part.final
-            if streamed:
-                out.write(part.data + b"\n")
-            else:
-                out.write(part.data)
-                if part.data and not part.data.endswith(b"\n") and out.isatty():
-                    out.write(b"\n")
-            out.flush()
+        streamed, parts = args.stream, 0
+        try:
+            async for part in peer.stream(args.kind, data, timeout=args.timeout):
+                parts += 1
+                streamed = streamed or not part.final
+                if streamed:
+                    out.write(part.data + b"\n")
+                else:
+                    out.write(part.data)
+                    if part.data and not part.data.endswith(b"\n") and out.isatty():
+                        out.write(b"\n")
+                out.flush()
+        except DeadlineExceededError:
+            if streamed or parts:
+                raise
+            raise DeadlineExceededError(
+                f"no reply to {args.kind!r} within {args.timeout:g}s (--timeout)"
+            ) from None
     return 0
 
 

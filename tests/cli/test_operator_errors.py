@@ -98,10 +98,17 @@ def key(tmp_path: Path) -> str:
 
 
 APP = """
+import asyncio
+
+
 def register(server):
     @server.on("hello")
     async def hello(msg):
         return b"hello from the app"
+
+    @server.on("never")
+    async def never(msg):
+        await asyncio.Event().wait()
 
 
 def broken(server):
@@ -378,3 +385,16 @@ def test_a_newly_created_identity_is_announced_once(
         again = _sigwire("send", url, "echo", "--data", "hi", env=mine)
         assert again.returncode == 0, again.stderr
         assert again.stderr == ""
+
+
+def test_send_past_its_timeout_says_no_reply_came(
+    tmp_path: Path, key: str, env: dict[str, str]
+) -> None:
+    """send to a handler that never answers says no reply came within --timeout, in one line."""
+    (tmp_path / "myapp.py").write_text(APP)
+    listen = ("--grpc", f"127.0.0.1:{_free_port()}", "--app", "myapp:register", "--grace", "0")
+    client = tmp_path / "client.pem"
+    Identity.generate().save(client)
+    with _serving("--key", key, *listen, env=env, cwd=tmp_path) as url:
+        result = _sigwire("send", url, "never", "--key", str(client), "--timeout", "0.5", env=env)
+    _one_error_line(result, "no reply to 'never' within 0.5s (--timeout)", "DEADLINE_EXCEEDED")
