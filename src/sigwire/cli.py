@@ -2,36 +2,63 @@
 
 Commands that need an identity take ``--key FILE`` and default to the per-user
 key (:func:`sigwire.keyfile.default_key_path`), created on first use.
+
+Every failure ends in one line on stderr, ``sigwire: error: ...``, saying what
+to do, and an exit status: 2 for a usage error (a bad flag, value or
+combination of flags), 1 for anything found at run time, 130 on Ctrl-C, 141
+when stdout is a closed pipe (``| head``).
+A traceback is printed only with ``-v``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import importlib
+import importlib.metadata
 import json
 import logging
+import math
+import os
 import signal
+import socket
+import sqlite3
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
-from sigwire.errors import SigwireError
+from sigwire.errors import DeadlineExceededError, SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
-from sigwire.signing import Identity, ReplayGuard
+from sigwire.session import max_frame_size
+from sigwire.signing import AllowList, Identity, ReplayGuard
 from sigwire.targets import DEFAULT_WS_PATH
 from sigwire.transports.base import TlsClientConfig
 
 if TYPE_CHECKING:
     from sigwire.server import Server
+    from sigwire.store import SqliteStore
 
 __all__ = ["build_parser", "build_server", "main"]
 
 log = logging.getLogger("sigwire.cli")
+
+
+class _CommandError(Exception):
+    """A problem with the command's input: one line, exit status 1 (2 for misused flags)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _fail(message: str, *, usage: bool = False) -> NoReturn:
+    raise _CommandError(message, 2 if usage else 1)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -52,19 +79,117 @@ def _identity(args: argparse.Namespace) -> Identity:
     # must not silently become a brand-new identity.
     if args.key is not None:
         return Identity.load(args.key)
-    return load_or_create_identity()
+    # A new per-user key is said out loud: a mistyped $SIGWIRE_KEY would
+    # otherwise run under a stranger's identity without a word.
+    path = default_key_path()
+    existed = path.exists()
+    identity = load_or_create_identity(path)
+    if not existed:
+        print(
+            f"sigwire: created a new identity {identity.did} in {path} "
+            "(--key FILE or $SIGWIRE_KEY picks another)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return identity
 
 
 def _load_app(spec: str) -> Callable[[Any], None]:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"sigwire: error: --app takes module:attr, not {spec!r}")
-    target: Any = importlib.import_module(module_name)
+        _fail(f"--app takes MODULE:ATTR (e.g. myapp:register), not {spec!r}", usage=True)
+    # As uvicorn does: the current directory first, so that `--app myapp:register`
+    # finds ./myapp.py without PYTHONPATH=.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            _fail(
+                f"--app {spec}: no module named {exc.name!r} in {cwd} or on the Python "
+                "path; run from the directory holding it, or set PYTHONPATH"
+            )
+        raise
     for part in attr.split("."):
+        if not hasattr(target, part):
+            _fail(f"--app {spec}: {module_name} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise SystemExit(f"sigwire: error: {spec} is not callable")
+        _fail(f"--app {spec}: {attr} is not callable; give a function taking the Server")
     return target  # type: ignore[no-any-return]
+
+
+def _check_listen_address(flag: str, address: str) -> None:
+    """Refuse an address whose host does not resolve, before anything is bound."""
+    if address.startswith("unix:"):
+        return
+    host = address.rpartition(":")[0].strip("[]")
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        _fail(
+            f"{flag} {address}: unknown host {host!r} ({exc.strerror}); "
+            "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+        )
+
+
+def _check_tls_files(cert: str, key: str, ca: str | None) -> None:
+    """Load the TLS files the way the listeners will, so a bad pair is named before binding."""
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path is not None and not Path(path).is_file():
+            _fail(f"{flag} {path}: no such file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            _fail(
+                f"--tls-key {key} is not the key of --tls-cert {cert}; "
+                "give the private key the certificate was issued for"
+            )
+        _fail(
+            f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its "
+            f"PEM private key ({exc.reason or exc})"
+        )
+    if ca is not None:
+        try:
+            context.load_verify_locations(ca)
+        except ssl.SSLError as exc:
+            _fail(f"--tls-ca {ca}: not a PEM CA certificate ({exc.reason or exc})")
+
+
+def _open_store(path: Path) -> SqliteStore:
+    from sigwire.store import SqliteStore
+
+    if path.is_dir():
+        _fail(f"--store {path} is a directory; give a file path, e.g. {path / 'agent.db'}")
+    try:
+        return SqliteStore(path)
+    except sqlite3.Error as exc:
+        _fail(
+            f"--store {path}: not a usable SQLite store ({exc}); give a new file path, "
+            "or move this file aside"
+        )
+
+
+def _load_trust(path: Path, allow_empty: bool) -> AllowList:
+    allowed = load_allow_list(path)
+    if not allowed.dids:
+        if not allow_empty:
+            _fail(
+                f"--trust {path} lists no DIDs, so every sender would be refused; "
+                "add one did:key per line, or pass --allow-empty-trust to start anyway"
+            )
+        _warn(f"--trust {path} lists no DIDs: every sender is refused")
+    return allowed
+
+
+def _warn(message: str) -> None:
+    print(f"sigwire: warning: {message}", file=sys.stderr, flush=True)
 
 
 def build_server(args: argparse.Namespace) -> Server:
@@ -73,19 +198,29 @@ def build_server(args: argparse.Namespace) -> Server:
     from sigwire.server import Server
     from sigwire.transports.base import TlsServerConfig
 
+    if not args.grpc and not args.ws:
+        _fail("nothing to serve: give --grpc HOST:PORT, --ws HOST:PORT or both", usage=True)
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("sigwire: error: --tls-cert and --tls-key go together")
+        _fail("--tls-cert and --tls-key go together", usage=True)
+    if args.tls_cert:
+        _check_tls_files(args.tls_cert, args.tls_key, args.tls_ca)
     tls = TlsServerConfig(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    if args.grpc:
+        _check_listen_address("--grpc", args.grpc)
+    if args.ws:
+        _check_listen_address("--ws", args.ws)
+    identity = _identity(args)
+    trust = _load_trust(args.trust, args.allow_empty_trust) if args.trust else None
     server = Server(
-        _identity(args),
+        identity,
         grpc=args.grpc or None,
         ws=args.ws,
         ws_path=args.ws_path,
         name=args.name,
-        trust=load_allow_list(args.trust) if args.trust else None,
+        trust=trust,
         limits=Limits(max_message_size=args.max_message_size),
         tls=tls,
-        store=args.store,
+        store=_open_store(args.store) if args.store else None,
         replay_guard=ReplayGuard(capacity=args.replay_capacity),
     )
     if args.app:
@@ -123,7 +258,7 @@ async def _send(args: argparse.Namespace) -> int:
     elif args.file is not None:
         data = await asyncio.to_thread(Path(args.file).read_bytes)
     else:
-        data = (args.data or "").encode()
+        data = (args.data or "").encode()  # UTF-8 checked by the parser (_utf8)
     async with connect(
         [args.url, *args.fallback],
         identity=_identity(args),
@@ -132,16 +267,26 @@ async def _send(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
     ) as peer:
         out = sys.stdout.buffer
-        if args.stream:
+        # A streamed answer is printed whole, one part a line, with or without
+        # --stream: the first part alone would be a silently truncated answer.
+        streamed, parts = args.stream, 0
+        try:
             async for part in peer.stream(args.kind, data, timeout=args.timeout):
-                out.write(part.data + b"\n")
+                parts += 1
+                streamed = streamed or not part.final
+                if streamed:
+                    out.write(part.data + b"\n")
+                else:
+                    out.write(part.data)
+                    if part.data and not part.data.endswith(b"\n") and out.isatty():
+                        out.write(b"\n")
                 out.flush()
-        else:
-            reply = await peer.request(args.kind, data, timeout=args.timeout)
-            out.write(reply.data)
-            if reply.data and not reply.data.endswith(b"\n") and out.isatty():
-                out.write(b"\n")
-            out.flush()
+        except DeadlineExceededError:
+            if streamed or parts:
+                raise
+            raise DeadlineExceededError(
+                f"no reply to {args.kind!r} within {args.timeout:g}s (--timeout)"
+            ) from None
     return 0
 
 
@@ -214,12 +359,82 @@ def _positive(text: str) -> int:
     return value
 
 
+def _message_size(text: str) -> int:
+    value = _positive(text)
+    # A signed envelope with its headers needs a few hundred bytes; grpc takes
+    # the frame limit that follows from it as a C int.
+    if not 1024 <= value or max_frame_size(value) > 2**31 - 1:
+        largest = bisect.bisect(range(2**31), 2**31 - 1, key=max_frame_size) - 1
+        raise argparse.ArgumentTypeError(f"must be between 1024 and {largest} bytes, not {value}")
+    return value
+
+
+def _seconds(text: str, *, zero: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, {least}: {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    return _seconds(text)
+
+
+def _grace(text: str) -> float:
+    return _seconds(text, zero=True)
+
+
+def _ws_path(text: str) -> str:
+    if not text.startswith("/") or any(c in text for c in "?# ") or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"must be a URL path starting with '/' (e.g. {DEFAULT_WS_PATH}), not {text!r}"
+        )
+    return text
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 reach argv as lone surrogates.
+        raise argparse.ArgumentTypeError(
+            "not valid UTF-8 text; send bytes with --file PATH (or --file - from stdin)"
+        ) from None
+    return text
+
+
+def _listen_address(text: str, *, unix: bool = False) -> str:
+    if not text or (unix and text.startswith("unix:")):
+        return text
+    _, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"takes HOST:PORT (e.g. 127.0.0.1:50051; port 0 picks a free one), not {text!r}"
+        )
+    return text
+
+
+def _grpc_address(text: str) -> str:
+    return _listen_address(text, unix=True)
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-did", help="refuse the agent unless it is this DID")
-    parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--connect-timeout", type=_duration, default=5.0, metavar="SECONDS")
     parser.add_argument("--tls-ca", help="PEM CA to verify a grpcs:// server with")
     parser.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
     parser.add_argument("--tls-key", help="PEM key of --tls-cert")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sigwire")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sigwire",
         description="Signed agent-to-agent messaging over gRPC, with a WebSocket fallback.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    verbose_help = "log what happens; print the traceback of an unexpected error"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    parser.add_argument("--version", action="version", version=f"sigwire {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     key_help = "private key file (default: the per-user key, created on first use)"
 
@@ -245,23 +462,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--key", type=Path, help=key_help)
     serve.add_argument(
         "--grpc",
+        type=_grpc_address,
         default="127.0.0.1:50051",
         metavar="HOST:PORT",
         help="default 127.0.0.1:50051; '' to serve WebSocket only",
     )
     serve.add_argument(
         "--ws",
+        type=_listen_address,
         metavar="HOST:PORT",
         help="also serve the WebSocket fallback here (default: off)",
     )
-    serve.add_argument("--ws-path", default=DEFAULT_WS_PATH, help=f"default {DEFAULT_WS_PATH}")
+    serve.add_argument(
+        "--ws-path", type=_ws_path, default=DEFAULT_WS_PATH, help=f"default {DEFAULT_WS_PATH}"
+    )
     serve.add_argument("--name", default="", help="name published in the agent card")
     serve.add_argument("--trust", type=Path, help="allow-list: one did:key per line")
+    serve.add_argument(
+        "--allow-empty-trust",
+        action="store_true",
+        help="start even when the --trust file lists no DIDs (every sender is refused)",
+    )
     serve.add_argument("--tls-cert", help="PEM certificate: serve grpcs://")
     serve.add_argument("--tls-key", help="PEM key of --tls-cert")
     serve.add_argument("--tls-ca", help="PEM CA: require client certificates (mTLS)")
     serve.add_argument(
-        "--max-message-size", type=int, default=Limits().max_message_size, metavar="BYTES"
+        "--max-message-size", type=_message_size, default=Limits().max_message_size, metavar="BYTES"
     )
     serve.add_argument(
         "--replay-capacity",
@@ -280,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:ATTR",
         help="callable taking the Server and registering handlers (default: echo, count)",
     )
-    serve.add_argument("--grace", type=float, default=10.0, help="drain time on shutdown")
+    serve.add_argument(
+        "--grace", type=_grace, default=10.0, metavar="SECONDS", help="drain time on shutdown"
+    )
     serve.add_argument(
         "--store",
         type=Path,
@@ -299,10 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("url")
     send.add_argument("kind")
     body = send.add_mutually_exclusive_group()
-    body.add_argument("--data", help="payload text")
+    body.add_argument("--data", type=_utf8, help="payload text (UTF-8)")
     body.add_argument("--file", help="payload file ('-' for stdin)")
     send.add_argument("--key", type=Path, help=key_help)
-    send.add_argument("--stream", action="store_true", help="print streamed replies, one a line")
+    send.add_argument(
+        "--stream",
+        action="store_true",
+        help="print replies one a line (a streamed answer is printed so without it too)",
+    )
     send.add_argument(
         "--fallback",
         action="append",
@@ -310,13 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="try this URL if the ones before fail (repeatable, in order)",
     )
-    send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    send.add_argument("--timeout", type=_duration, default=30.0, metavar="SECONDS")
     _client_flags(send)
     send.set_defaults(run=_send)
 
     ping = commands.add_parser("ping", help="print health and round-trip latency")
     ping.add_argument("url")
-    ping.add_argument("--count", type=int, default=5)
+    ping.add_argument("--count", type=_positive, default=5, help="probes to send (default 5)")
     _client_flags(ping)
     ping.set_defaults(run=_ping)
 
@@ -327,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="two agents on loopback: a signed conversation")
     demo.set_defaults(run=_demo)
+
+    # -v also after the command; SUPPRESS keeps a command's default from
+    # overwriting a -v given before it.
+    for command in commands.choices.values():
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
     return parser
 
 
@@ -345,6 +584,26 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return factory
 
 
+def _stdout_closed() -> int:
+    # The reader went away (`sigwire ... | head -1`): end quietly, and point
+    # stdout at /dev/null so that flushing it at exit cannot fail again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = args.run(args)
+    if not asyncio.iscoroutine(result):
+        return int(result)
+    with asyncio.Runner(loop_factory=_loop_factory(getattr(args, "loop", "asyncio"))) as runner:
+        status: int = runner.run(result)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -353,18 +612,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        result = args.run(args)
-        if asyncio.iscoroutine(result):
-            with asyncio.Runner(loop_factory=_loop_factory(getattr(args, "loop", "asyncio"))) as r:
-                status: int = r.run(result)
-        else:
-            status = result
-    except SigwireError as exc:
+        status = _run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
+    except _CommandError as exc:
         print(f"sigwire: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"sigwire: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.status
+    except (SigwireError, OSError) as exc:
+        problem = str(exc)
     except KeyboardInterrupt:
         return 130
-    return status
+    except Exception as exc:
+        if args.verbose:
+            log.exception("unexpected error")
+        hint = "" if args.verbose else "; rerun with -v for the traceback"
+        problem = f"unexpected {type(exc).__name__}: {exc} (a bug{hint})"
+    print(f"sigwire: error: {problem}", file=sys.stderr)
+    return 1

@@ -72,8 +72,8 @@ def _node() -> str:
         pytest.skip("node is not installed; the Node interop tests did not run")
     if not (NODE_DIR / "node_modules").is_dir():
         pytest.fail(
-            "tests/interop/node/node_modules is missing: run scripts/setup "
-            "(it runs npm ci there when node and npm are installed)"
+            "tests/interop/node/node_modules is missing: run scripts/setup --node "
+            "(scripts/test does; it runs npm ci there when node and npm are installed)"
         )
     return node
 

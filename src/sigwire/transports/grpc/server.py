@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -145,6 +148,33 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def _bind_problem(address: str) -> str | None:
+    """Why the OS refuses to listen on TCP ``address``, found by binding a plain socket there."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, ValueError) as exc:
+        return f"unknown host or port ({getattr(exc, 'strerror', None) or exc})"
+    # grpc serves if it can bind any of the resolved addresses: a problem only
+    # when none can be bound.
+    problem = None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                problem = "address already in use (stop what holds it, or choose another port)"
+            else:
+                problem = problem or exc.strerror or str(exc)
+        else:
+            return None
+    return problem
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -217,6 +247,11 @@ class GrpcListener:
             server,
         )
         unix = self.address.startswith("unix:")
+        # grpc reports a failed bind only as "Failed to bind" (after logging it
+        # from C-core): a plain socket says why, before grpc is asked.
+        problem = None if unix else _bind_problem(self.address)
+        if problem is not None:
+            raise OSError(f"cannot serve gRPC on {self.address}: {problem}")
         if self.tls is not None:
             credentials = grpc.ssl_server_credentials(
                 [(_read(self.tls.key_file), _read(self.tls.cert_file))],
@@ -225,11 +260,19 @@ class GrpcListener:
                 else None,
                 require_client_auth=self.tls.client_ca_file is not None,
             )
-            port = server.add_secure_port(self.address, credentials)
+            bind = functools.partial(server.add_secure_port, self.address, credentials)
         else:
-            port = server.add_insecure_port(self.address)
+            bind = functools.partial(server.add_insecure_port, self.address)
+        try:
+            port = bind()
+        except RuntimeError:
+            port = 0
+            unix = False
         if not unix and port == 0:
-            raise OSError(f"cannot bind gRPC listener to {self.address}")
+            raise OSError(
+                f"cannot serve gRPC on {self.address}: grpc could not bind it"
+                + (" (do the TLS certificate and key match?)" if self.tls else "")
+            )
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):
