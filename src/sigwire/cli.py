@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
-from sigwire.errors import DeadlineExceededError, SigwireError
+from sigwire.errors import DeadlineExceededError, SigwireError, StoreError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.session import max_frame_size
 from sigwire.signing import AllowList, Identity, ReplayGuard
@@ -169,6 +169,8 @@ def _open_store(path: Path) -> SqliteStore:
         _fail(f"--store {path} is a directory; give a file path, e.g. {path / 'agent.db'}")
     try:
         return SqliteStore(path)
+    except StoreError as exc:
+        _fail(f"--{exc}")
     except sqlite3.Error as exc:
         _fail(
             f"--store {path}: not a usable SQLite store ({exc}); give a new file path, "

@@ -35,7 +35,7 @@ def _unusable(kind: str, path: Path) -> Iterator[str]:
 
 @pytest.mark.parametrize("kind", ["directory", "text-file", "in-use"])
 def test_serve_refuses_an_unusable_store_in_one_line(tmp_path: Path, kind: str) -> None:
-    """A directory, a text file or a store in use: `sigwire: error: store ...`, exit 1."""
+    """A directory, a text file or a store in use: `sigwire: error: --store ...`, exit 1."""
     key, path = tmp_path / "server.pem", tmp_path / "agent.db"
     Identity.generate().save(key)
     command = ["serve", "--key", str(key), "--grpc", "127.0.0.1:0", "--store", str(path)]
@@ -50,5 +50,5 @@ def test_serve_refuses_an_unusable_store_in_one_line(tmp_path: Path, kind: str) 
         )
     assert done.returncode == 1, done.stderr
     (line,) = done.stderr.splitlines()
-    assert line.startswith(f"sigwire: error: store {path}: "), line
+    assert line.startswith(f"sigwire: error: --store {path}"), line
     assert says in line
