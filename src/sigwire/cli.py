@@ -23,7 +23,7 @@ from sigwire.dispatch import Limits
 from sigwire.errors import SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.signing import Identity, ReplayGuard
-from sigwire.targets import DEFAULT_WS_PATH
+from sigwire.targets import ANY_ORIGIN, DEFAULT_WS_PATH, parse_origin
 from sigwire.transports.base import TlsClientConfig
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ def build_server(args: argparse.Namespace) -> Server:
         tls=tls,
         store=args.store,
         replay_guard=ReplayGuard(capacity=args.replay_capacity),
+        allow_origins=args.allow_origin,
     )
     if args.app:
         _load_app(args.app)(server)
@@ -214,6 +215,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _origin_arg(text: str) -> str:
+    if text != ANY_ORIGIN:
+        try:
+            parse_origin(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-did", help="refuse the agent unless it is this DID")
     parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
@@ -260,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="PEM certificate: serve grpcs://")
     serve.add_argument("--tls-key", help="PEM key of --tls-cert")
     serve.add_argument("--tls-ca", help="PEM CA: require client certificates (mTLS)")
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        type=_origin_arg,
+        metavar="ORIGIN",
+        help=(
+            "let web pages of this origin (https://app.example.com; '*' for any) open "
+            "WebSocket streams; by default a browser's handshake (with an Origin header) "
+            "is refused (repeatable)"
+        ),
+    )
     serve.add_argument(
         "--max-message-size", type=int, default=Limits().max_message_size, metavar="BYTES"
     )

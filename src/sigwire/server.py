@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Self
 
@@ -66,6 +66,12 @@ class Server:
         replay_guard: Replay window and nonce cache (default: 5 min back, 30 s ahead).
         store: A SQLite file (or :class:`~sigwire.store.SqliteStore`) keeping the
             push outbox and the reply cache across restarts; default: memory.
+        allow_origins: Web page origins (``https://app.example.com``) whose
+            pages may open a WebSocket stream, or ``"*"`` for any. By default
+            a handshake carrying an ``Origin`` header (a browser's) is refused.
+
+    Raises:
+        ValueError: An ``allow_origins`` entry is not an origin.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class Server:
         keepalive: float = 20.0,
         replay_guard: ReplayGuard | None = None,
         store: str | os.PathLike[str] | SqliteStore | None = None,
+        allow_origins: Iterable[str] = (),
     ) -> None:
         self.identity = identity
         self.name = name
@@ -117,6 +124,7 @@ class Server:
                     tls=tls,
                     keepalive=keepalive,
                     compression=ws_compression,
+                    allow_origins=allow_origins,
                 )
             )
         if memory is not None:
