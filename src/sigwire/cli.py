@@ -23,7 +23,7 @@ from sigwire.dispatch import Limits
 from sigwire.errors import SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.signing import Identity, ReplayGuard
-from sigwire.targets import ANY_ORIGIN, DEFAULT_WS_PATH, parse_origin
+from sigwire.targets import ANY_ORIGIN, DEFAULT_WS_PATH, parse_origin, parse_target
 from sigwire.transports.base import TlsClientConfig
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def build_server(args: argparse.Namespace) -> Server:
         store=args.store,
         replay_guard=ReplayGuard(capacity=args.replay_capacity),
         allow_origins=args.allow_origin,
+        advertise=args.advertise,
     )
     if args.app:
         _load_app(args.app)(server)
@@ -224,6 +225,18 @@ def _origin_arg(text: str) -> str:
     return text
 
 
+def _advertise_arg(text: str) -> str:
+    try:
+        target = parse_target(text)
+    except SigwireError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    if target.wildcard:
+        raise argparse.ArgumentTypeError(
+            f"{text}: a wildcard address is for binding; advertise where clients reach the agent"
+        )
+    return text
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expect-did", help="refuse the agent unless it is this DID")
     parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
@@ -280,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
             "let web pages of this origin (https://app.example.com; '*' for any) open "
             "WebSocket streams; by default a browser's handshake (with an Origin header) "
             "is refused (repeatable)"
+        ),
+    )
+    serve.add_argument(
+        "--advertise",
+        action="append",
+        default=[],
+        type=_advertise_arg,
+        metavar="URL",
+        help=(
+            "publish this URL in the agent card instead of the bound ones (repeatable, in "
+            "preference order); without it a wildcard listener (0.0.0.0, ::) is not published"
         ),
     )
     serve.add_argument(

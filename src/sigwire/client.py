@@ -179,9 +179,14 @@ class Peer:
             if url in known:
                 continue
             try:
-                self.targets.append(self.registry.parse(url))
+                target = self.registry.parse(url)
             except SigwireError:
                 log.debug("ignoring unusable endpoint %r in the agent card", url)
+                continue
+            if target.wildcard:
+                log.debug("ignoring wildcard endpoint %r in the agent card", url)
+            else:
+                self.targets.append(target)
         self.card = card
 
     async def _open(self) -> tuple[Session, asyncio.Task[None]]:

@@ -68,6 +68,22 @@ class Target:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def wildcard(self) -> bool:
+        """The host is an unspecified address (``0.0.0.0``, ``::``): bound to, never reached."""
+        ip = _ip(self.host)
+        return ip is not None and ip.is_unspecified
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    # ::ffff:127.0.0.1 is 127.0.0.1 (Python < 3.13 does not say so itself).
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped or ip
+
 
 def parse_target(url: str, schemes: tuple[str, ...] | frozenset[str] = KNOWN_SCHEMES) -> Target:
     """Parse ``url`` into a :class:`Target`.
