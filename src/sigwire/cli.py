@@ -132,6 +132,7 @@ async def _send(args: argparse.Namespace) -> int:
         expect_did=args.expect_did,
         tls=_tls(args),
         connect_timeout=args.connect_timeout,
+        allow_insecure_fallback=args.allow_insecure_fallback,
     ) as peer:
         out = sys.stdout.buffer
         if args.stream:
@@ -355,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="URL",
         help="try this URL if the ones before fail (repeatable, in order)",
+    )
+    send.add_argument(
+        "--allow-insecure-fallback",
+        action="store_true",
+        help="allow a plaintext --fallback (grpc://, ws://) after a TLS URL",
     )
     send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
     _client_flags(send)

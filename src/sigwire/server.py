@@ -169,6 +169,15 @@ class Server:
         self._card = None
         self._restore_outbox()
         log.info("sigwire agent %s serving on %s", self.identity.did, ", ".join(self.urls))
+        for url in self.urls:
+            target = _target(url)
+            if target is not None and target.insecure and not target.loopback:
+                log.warning(
+                    "%s serves plaintext beyond this host: anyone on the path reads and "
+                    "alters its traffic (signatures still hold); serve TLS (--tls-cert and "
+                    "--tls-key) or bind to 127.0.0.1",
+                    url,
+                )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain and stop.

@@ -37,6 +37,8 @@ DEFAULT_WS_PATH = "/sigwire/v1"
 DEFAULT_PORTS = {"grpc": 50051, "grpcs": 443, "ws": 80, "wss": 443}
 KNOWN_SCHEMES = ("grpc", "grpcs", "ws", "wss", "unix", "memory")
 _TLS_SCHEMES = frozenset({"grpcs", "wss"})
+# Schemes that never leave the host: no network to protect, with or without TLS.
+_LOCAL_SCHEMES = frozenset({"unix", "memory"})
 ANY_ORIGIN = "*"
 """Among allowed origins: web pages of every origin."""
 _WEB_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -69,10 +71,23 @@ class Target:
         return f"{host}:{self.port}"
 
     @property
+    def insecure(self) -> bool:
+        """Plaintext over a network: neither TLS nor a local socket or name."""
+        return not self.tls and self.scheme not in _LOCAL_SCHEMES
+
+    @property
     def wildcard(self) -> bool:
         """The host is an unspecified address (``0.0.0.0``, ``::``): bound to, never reached."""
         ip = _ip(self.host)
         return ip is not None and ip.is_unspecified
+
+    @property
+    def loopback(self) -> bool:
+        """The host is ``localhost`` or a loopback address (or the scheme is local)."""
+        if self.scheme in _LOCAL_SCHEMES:
+            return True
+        ip = _ip(self.host)
+        return ip.is_loopback if ip is not None else self.host.lower() == "localhost"
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
