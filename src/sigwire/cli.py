@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
-from sigwire.errors import SigwireError
+from sigwire.errors import InvalidDidError, SigwireError
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
-from sigwire.signing import Identity, ReplayGuard
+from sigwire.signing import Identity, ReplayGuard, Verifier, public_key_from_did
 from sigwire.targets import ANY_ORIGIN, DEFAULT_WS_PATH, parse_origin, parse_target
 from sigwire.transports.base import TlsClientConfig
 
@@ -159,6 +159,10 @@ async def _ping(args: argparse.Namespace) -> int:
     )
     connector = registry.connector(target)
     try:
+        if args.expect_did is not None:
+            # Health answers are unsigned: the agent's signed card says who answers.
+            card = await connector.describe(target, options)
+            Verifier().verify_card(card, expected_did=args.expect_did)
         started = time.perf_counter()
         samples = [await connector.health(target, options) for _ in range(args.count)]
         total = time.perf_counter() - started
@@ -217,6 +221,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _did_arg(text: str) -> str:
+    try:
+        public_key_from_did(text)
+    except InvalidDidError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
+
+
 def _origin_arg(text: str) -> str:
     if text != ANY_ORIGIN:
         try:
@@ -239,7 +251,9 @@ def _advertise_arg(text: str) -> str:
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--expect-did", help="refuse the agent unless it is this DID")
+    parser.add_argument(
+        "--expect-did", type=_did_arg, metavar="DID", help="refuse the agent unless it is this DID"
+    )
     parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--tls-ca", help="PEM CA to verify a grpcs:// server with")
     parser.add_argument("--tls-cert", help="PEM client certificate (mTLS)")

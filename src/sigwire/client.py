@@ -41,9 +41,10 @@ from sigwire.errors import (
     MessageTooLargeError,
     NoTransportAvailableError,
     SigwireError,
+    UnknownSignerError,
 )
 from sigwire.session import GoAwayInfo, Session, SessionOptions
-from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier
+from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier, public_key_from_did
 from sigwire.targets import Target
 from sigwire.transports.base import ClientOptions, Health, TlsClientConfig
 from sigwire.transports.registry import Registry, default_registry
@@ -106,6 +107,8 @@ class Peer:
     ) -> None:
         if not urls:
             raise ValueError("give at least one URL")
+        if expect_did is not None:
+            public_key_from_did(expect_did)  # InvalidDidError: a pin no agent can match
         self.identity = identity or Identity.generate()
         self.expect_did = expect_did
         self._own_registry = registry is None
@@ -163,6 +166,7 @@ class Peer:
 
         Raises:
             NoTransportAvailableError: Every URL failed; ``.attempts`` says why.
+            UnknownSignerError: Every URL answered, as another agent than the pinned one.
         """
         session, task = await self._open()
         self._supervisor = asyncio.create_task(self._supervise(session, task))
@@ -206,6 +210,10 @@ class Peer:
             except SigwireError as exc:
                 log.info("cannot use %s: %s", target.url, exc)
                 attempts.append((target.url, exc))
+        wrong = [err for _, err in attempts if _wrong_agent(err)]
+        if wrong and len(wrong) == len(attempts):
+            # Every endpoint answered, as another agent: that, not reachability, is the news.
+            raise wrong[0]
         raise NoTransportAvailableError(attempts)
 
     async def _open_one(self, target: Target) -> tuple[Session, asyncio.Task[None]]:
@@ -541,6 +549,11 @@ def _refuse_downgrade(targets: Sequence[Target]) -> None:
             )
 
 
+def _wrong_agent(error: BaseException) -> bool:
+    """A pin mismatch: the endpoint answered with a valid signature, as another agent."""
+    return isinstance(error, UnknownSignerError) and not error.remote and bool(error.expected)
+
+
 async def _first(call: PendingCall, session: Session) -> Reply:
     waiter = asyncio.ensure_future(call.next())
     closed = asyncio.ensure_future(session.closed.wait())
@@ -621,7 +634,9 @@ def connect(url: str | Sequence[str], **options: Any) -> _Connecting:
 
     Raises:
         NoTransportAvailableError: No URL could be reached.
+        UnknownSignerError: Every URL answered, as another agent than ``expect_did``.
         InvalidTargetError: A URL is invalid, or a plaintext fallback follows a TLS URL.
+        InvalidDidError: ``expect_did`` is not a did:key.
     """
     urls = [url] if isinstance(url, str) else list(url)
     return _Connecting(Peer(urls, **options))
