@@ -178,9 +178,10 @@ async def _ping(args: argparse.Namespace) -> int:
 
 
 async def _describe(args: argparse.Namespace) -> int:
+    # A throwaway identity unless --key: an allow-listed agent admits only its list.
     async with connect(
         args.url,
-        identity=Identity.generate(),
+        identity=Identity.load(args.key) if args.key is not None else Identity.generate(),
         expect_did=args.expect_did,
         tls=_tls(args),
         connect_timeout=args.connect_timeout,
@@ -388,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = commands.add_parser("describe", help="print the agent's verified card")
     describe.add_argument("url")
+    describe.add_argument(
+        "--key",
+        type=Path,
+        help="private key to say hello with (default: a throwaway identity; give yours "
+        "to describe an agent that allow-lists it)",
+    )
     _client_flags(describe)
     describe.set_defaults(run=_describe)
 
