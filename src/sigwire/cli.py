@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
@@ -45,6 +45,11 @@ def _keygen(args: argparse.Namespace) -> int:
 def _did(args: argparse.Namespace) -> int:
     print(Identity.load(args.file or default_key_path()).did)
     return 0
+
+
+def _usage(message: str) -> NoReturn:
+    print(f"sigwire: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _identity(args: argparse.Namespace) -> Identity:
@@ -114,12 +119,16 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _tls(args: argparse.Namespace) -> TlsClientConfig | None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        # grpc aborts the whole process on a certificate without its key.
+        _usage("--tls-cert and --tls-key go together (the client certificate and its key)")
     if not (args.tls_ca or args.tls_cert):
         return None
     return TlsClientConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
 
 
 async def _send(args: argparse.Namespace) -> int:
+    tls = _tls(args)  # before anything else: a usage error must leave no trace
     if args.file == "-":
         data = sys.stdin.buffer.read()
     elif args.file is not None:
@@ -130,7 +139,7 @@ async def _send(args: argparse.Namespace) -> int:
         [args.url, *args.fallback],
         identity=_identity(args),
         expect_did=args.expect_did,
-        tls=_tls(args),
+        tls=tls,
         connect_timeout=args.connect_timeout,
         allow_insecure_fallback=args.allow_insecure_fallback,
     ) as peer:
