@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
-from sigwire.errors import InvalidDidError, SigwireError
+from sigwire.errors import (
+    InvalidDidError,
+    NoTransportAvailableError,
+    SigwireError,
+    UnknownSignerError,
+)
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.signing import Identity, ReplayGuard, Verifier, public_key_from_did
 from sigwire.targets import ANY_ORIGIN, DEFAULT_WS_PATH, parse_origin, parse_target
@@ -427,6 +432,15 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return factory
 
 
+def _headline(error: SigwireError) -> str:
+    """What to tell the operator: when every URL answered as another agent, only that."""
+    if isinstance(error, NoTransportAvailableError) and error.attempts:
+        wrong = [e for _, e in error.attempts if isinstance(e, UnknownSignerError) and e.expected]
+        if len(wrong) == len(error.attempts):
+            return str(wrong[0])
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -442,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             status = result
     except SigwireError as exc:
-        print(f"sigwire: error: {exc}", file=sys.stderr)
+        print(f"sigwire: error: {_headline(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"sigwire: error: {exc}", file=sys.stderr)

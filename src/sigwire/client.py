@@ -41,7 +41,6 @@ from sigwire.errors import (
     MessageTooLargeError,
     NoTransportAvailableError,
     SigwireError,
-    UnknownSignerError,
 )
 from sigwire.session import GoAwayInfo, Session, SessionOptions
 from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier, public_key_from_did
@@ -166,7 +165,6 @@ class Peer:
 
         Raises:
             NoTransportAvailableError: Every URL failed; ``.attempts`` says why.
-            UnknownSignerError: Every URL answered, as another agent than the pinned one.
         """
         session, task = await self._open()
         self._supervisor = asyncio.create_task(self._supervise(session, task))
@@ -210,10 +208,6 @@ class Peer:
             except SigwireError as exc:
                 log.info("cannot use %s: %s", target.url, exc)
                 attempts.append((target.url, exc))
-        wrong = [err for _, err in attempts if _wrong_agent(err)]
-        if wrong and len(wrong) == len(attempts):
-            # Every endpoint answered, as another agent: that, not reachability, is the news.
-            raise wrong[0]
         raise NoTransportAvailableError(attempts)
 
     async def _open_one(self, target: Target) -> tuple[Session, asyncio.Task[None]]:
@@ -549,11 +543,6 @@ def _refuse_downgrade(targets: Sequence[Target]) -> None:
             )
 
 
-def _wrong_agent(error: BaseException) -> bool:
-    """A pin mismatch: the endpoint answered with a valid signature, as another agent."""
-    return isinstance(error, UnknownSignerError) and not error.remote and bool(error.expected)
-
-
 async def _first(call: PendingCall, session: Session) -> Reply:
     waiter = asyncio.ensure_future(call.next())
     closed = asyncio.ensure_future(session.closed.wait())
@@ -633,8 +622,8 @@ def connect(url: str | Sequence[str], **options: Any) -> _Connecting:
         An awaitable that is also an async context manager yielding a :class:`Peer`.
 
     Raises:
-        NoTransportAvailableError: No URL could be reached.
-        UnknownSignerError: Every URL answered, as another agent than ``expect_did``.
+        NoTransportAvailableError: No URL could be reached, or each answered as
+            another agent than ``expect_did`` (an UnknownSignerError in ``.attempts``).
         InvalidTargetError: A URL is invalid, or a plaintext fallback follows a TLS URL.
         InvalidDidError: ``expect_did`` is not a did:key.
     """

@@ -16,9 +16,10 @@ async def test_connecting_to_another_agent_names_both_dids(
     """connect(expect_did=A) to agent B says "expected A, the agent is B", not NO_TRANSPORT."""
     other = sigwire.Identity.generate().did
     async with asyncio.timeout(TIMEOUT):
-        with pytest.raises(sigwire.UnknownSignerError) as caught:
+        with pytest.raises(sigwire.NoTransportAvailableError) as caught:
             await sigwire.connect(url, expect_did=other)
-    error = caught.value
+    [(_, error)] = caught.value.attempts
+    assert isinstance(error, sigwire.UnknownSignerError)
     assert str(error) == f"expected {other}, the agent is {server.identity.did} [SIGNER_UNKNOWN]"
     assert (error.did, error.expected, error.remote) == (server.identity.did, other, False)
 
