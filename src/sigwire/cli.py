@@ -193,14 +193,24 @@ async def _ping(args: argparse.Namespace) -> int:
 
 async def _describe(args: argparse.Namespace) -> int:
     # A throwaway identity unless --key: an allow-listed agent admits only its list.
-    async with connect(
-        args.url,
-        identity=Identity.load(args.key) if args.key is not None else Identity.generate(),
-        expect_did=args.expect_did,
-        tls=_tls(args),
-        connect_timeout=args.connect_timeout,
-    ) as peer:
-        card = await peer.describe()
+    try:
+        async with connect(
+            args.url,
+            identity=Identity.load(args.key) if args.key is not None else Identity.generate(),
+            expect_did=args.expect_did,
+            tls=_tls(args),
+            connect_timeout=args.connect_timeout,
+        ) as peer:
+            card = await peer.describe()
+    except NoTransportAvailableError as exc:
+        refused = [e for _, e in exc.attempts if isinstance(e, UnknownSignerError) and e.remote]
+        if args.key is None and refused:
+            raise SigwireError(
+                f"{args.url} does not admit the throwaway identity describe says hello "
+                "with (it allow-lists its peers): give --key with a key it admits",
+                reason=refused[0].reason,
+            ) from None
+        raise
     print(
         json.dumps(
             {

@@ -90,7 +90,11 @@ def test_describe_with_key_reaches_an_allow_listed_agent(
         url = p.stdout.readline().split()[-1]
         throwaway = _sigwire("describe", url, env=env)
         assert throwaway.returncode == 1
-        assert "is not trusted here [SIGNER_UNKNOWN]" in _error_line(throwaway)
+        assert _error_line(throwaway) == (
+            f"sigwire: error: {url} does not admit the throwaway identity describe says "
+            "hello with (it allow-lists its peers): give --key with a key it admits "
+            "[SIGNER_UNKNOWN]"
+        )
         described = _sigwire("describe", url, "--key", str(client_key), env=env)
     assert described.returncode == 0, described.stderr
     assert json.loads(described.stdout)["did"] == server.did
