@@ -320,9 +320,12 @@ async def _tls_problem(target: Target, tls: TlsClientConfig | None) -> str | Non
     the connection instead has refused the client's certificate (or its absence).
     """
     tls = tls or TlsClientConfig()
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ValueError):
+        return None  # the files changed since the channel was made; no diagnosis
     context.set_alpn_protocols(["h2"])
     name = tls.server_name or target.host
     try:
@@ -376,7 +379,7 @@ _FIRST_BYTES_TIMEOUT = 2.0
 
 
 def _refused(tls: TlsClientConfig, alert: str | None) -> str:
-    said = f" ({alert})" if alert else ""
+    said = f" ({alert})" if alert else " (it closed the connection after the TLS handshake)"
     if not tls.cert_file:
         return (
             f"the server requires a client certificate{said}: give one signed by a CA it "
