@@ -140,7 +140,9 @@ class Correlator:
                 forged=forged,
             )
         except SigwireError as exc:
-            log.warning("refusing reply to %r: %s", reply.request_id, exc)
+            # A failed call tells its caller; only a dropped reply needs the log.
+            level = logging.INFO if self.fail_on_invalid else logging.WARNING
+            log.log(level, "refusing reply to %r: %s", reply.request_id, exc)
             if self.fail_on_invalid:
                 call.fail(exc)
                 self.discard(call)

@@ -33,11 +33,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from sigwire.client import connect
 from sigwire.dispatch import Limits
-from sigwire.errors import DeadlineExceededError, SigwireError, StoreError
+from sigwire.errors import (
+    DeadlineExceededError,
+    InvalidDidError,
+    NoTransportAvailableError,
+    SigwireError,
+    StoreError,
+    UnknownSignerError,
+)
 from sigwire.keyfile import default_key_path, load_allow_list, load_or_create_identity
 from sigwire.session import max_frame_size
-from sigwire.signing import AllowList, Identity, ReplayGuard
-from sigwire.targets import DEFAULT_WS_PATH
+from sigwire.signing import AllowList, Identity, ReplayGuard, Verifier, public_key_from_did
+from sigwire.targets import ANY_ORIGIN, DEFAULT_WS_PATH, parse_origin, parse_target
 from sigwire.transports.base import TlsClientConfig
 
 if TYPE_CHECKING:
@@ -74,24 +81,20 @@ def _did(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(message: str) -> NoReturn:
+    print(f"sigwire: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _identity(args: argparse.Namespace) -> Identity:
     # Only the per-user default is created on first use: a mistyped --key path
     # must not silently become a brand-new identity.
     if args.key is not None:
         return Identity.load(args.key)
-    # A new per-user key is said out loud: a mistyped $SIGWIRE_KEY would
-    # otherwise run under a stranger's identity without a word.
-    path = default_key_path()
-    existed = path.exists()
-    identity = load_or_create_identity(path)
-    if not existed:
-        print(
-            f"sigwire: created a new identity {identity.did} in {path} "
-            "(--key FILE or $SIGWIRE_KEY picks another)",
-            file=sys.stderr,
-            flush=True,
-        )
-    return identity
+    # A new per-user key is announced by load_or_create_identity (a WARNING on
+    # stderr): a mistyped $SIGWIRE_KEY must not run under a stranger's identity
+    # without a word.
+    return load_or_create_identity()
 
 
 def _load_app(spec: str) -> Callable[[Any], None]:
@@ -224,6 +227,8 @@ def build_server(args: argparse.Namespace) -> Server:
         tls=tls,
         store=_open_store(args.store) if args.store else None,
         replay_guard=ReplayGuard(capacity=args.replay_capacity),
+        allow_origins=args.allow_origin,
+        advertise=args.advertise,
     )
     if args.app:
         _load_app(args.app)(server)
@@ -249,12 +254,16 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _tls(args: argparse.Namespace) -> TlsClientConfig | None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        # grpc aborts the whole process on a certificate without its key.
+        _usage("--tls-cert and --tls-key go together (the client certificate and its key)")
     if not (args.tls_ca or args.tls_cert):
         return None
     return TlsClientConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
 
 
 async def _send(args: argparse.Namespace) -> int:
+    tls = _tls(args)  # before anything else: a usage error must leave no trace
     if args.file == "-":
         data = sys.stdin.buffer.read()
     elif args.file is not None:
@@ -265,8 +274,9 @@ async def _send(args: argparse.Namespace) -> int:
         [args.url, *args.fallback],
         identity=_identity(args),
         expect_did=args.expect_did,
-        tls=_tls(args),
+        tls=tls,
         connect_timeout=args.connect_timeout,
+        allow_insecure_fallback=args.allow_insecure_fallback,
     ) as peer:
         out = sys.stdout.buffer
         # A streamed answer is printed whole, one part a line, with or without
@@ -303,6 +313,10 @@ async def _ping(args: argparse.Namespace) -> int:
     )
     connector = registry.connector(target)
     try:
+        if args.expect_did is not None:
+            # Health answers are unsigned: the agent's signed card says who answers.
+            card = await connector.describe(target, options)
+            Verifier().verify_card(card, expected_did=args.expect_did)
         started = time.perf_counter()
         samples = [await connector.health(target, options) for _ in range(args.count)]
         total = time.perf_counter() - started
@@ -318,14 +332,25 @@ async def _ping(args: argparse.Namespace) -> int:
 
 
 async def _describe(args: argparse.Namespace) -> int:
-    async with connect(
-        args.url,
-        identity=Identity.generate(),
-        expect_did=args.expect_did,
-        tls=_tls(args),
-        connect_timeout=args.connect_timeout,
-    ) as peer:
-        card = await peer.describe()
+    # A throwaway identity unless --key: an allow-listed agent admits only its list.
+    try:
+        async with connect(
+            args.url,
+            identity=Identity.load(args.key) if args.key is not None else Identity.generate(),
+            expect_did=args.expect_did,
+            tls=_tls(args),
+            connect_timeout=args.connect_timeout,
+        ) as peer:
+            card = await peer.describe()
+    except NoTransportAvailableError as exc:
+        refused = [e for _, e in exc.attempts if isinstance(e, UnknownSignerError) and e.remote]
+        if args.key is None and refused:
+            raise SigwireError(
+                f"{args.url} does not admit the throwaway identity describe says hello "
+                "with (it allow-lists its peers): give --key with a key it admits",
+                reason=refused[0].reason,
+            ) from None
+        raise
     print(
         json.dumps(
             {
@@ -398,6 +423,35 @@ def _ws_path(text: str) -> str:
     return text
 
 
+def _did_arg(text: str) -> str:
+    try:
+        public_key_from_did(text)
+    except InvalidDidError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
+
+
+def _origin_arg(text: str) -> str:
+    if text != ANY_ORIGIN:
+        try:
+            parse_origin(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _advertise_arg(text: str) -> str:
+    try:
+        target = parse_target(text)
+    except SigwireError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    if target.wildcard:
+        raise argparse.ArgumentTypeError(
+            f"{text}: a wildcard address is for binding; advertise where clients reach the agent"
+        )
+    return text
+
+
 def _utf8(text: str) -> str:
     try:
         text.encode()
@@ -425,7 +479,9 @@ def _grpc_address(text: str) -> str:
 
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--expect-did", help="refuse the agent unless it is this DID")
+    parser.add_argument(
+        "--expect-did", type=_did_arg, metavar="DID", help="refuse the agent unless it is this DID"
+    )
     parser.add_argument("--connect-timeout", type=_duration, default=5.0, metavar="SECONDS")
     parser.add_argument("--tls-ca", help="PEM CA to verify a grpcs:// server with")
     parser.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
@@ -489,6 +545,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="PEM key of --tls-cert")
     serve.add_argument("--tls-ca", help="PEM CA: require client certificates (mTLS)")
     serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        type=_origin_arg,
+        metavar="ORIGIN",
+        help=(
+            "let web pages of this origin (https://app.example.com; '*' for any) open "
+            "WebSocket streams; by default a browser's handshake (with an Origin header) "
+            "is refused (repeatable)"
+        ),
+    )
+    serve.add_argument(
+        "--advertise",
+        action="append",
+        default=[],
+        type=_advertise_arg,
+        metavar="URL",
+        help=(
+            "publish this URL in the agent card instead of the bound ones (repeatable, in "
+            "preference order); without it a wildcard listener (0.0.0.0, ::) is not published"
+        ),
+    )
+    serve.add_argument(
         "--max-message-size", type=_message_size, default=Limits().max_message_size, metavar="BYTES"
     )
     serve.add_argument(
@@ -544,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="try this URL if the ones before fail (repeatable, in order)",
     )
+    send.add_argument(
+        "--allow-insecure-fallback",
+        action="store_true",
+        help="allow a plaintext --fallback (grpc://, ws://) after a TLS URL",
+    )
     send.add_argument("--timeout", type=_duration, default=30.0, metavar="SECONDS")
     _client_flags(send)
     send.set_defaults(run=_send)
@@ -556,6 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = commands.add_parser("describe", help="print the agent's verified card")
     describe.add_argument("url")
+    describe.add_argument(
+        "--key",
+        type=Path,
+        help="private key to say hello with (default: a throwaway identity; give yours "
+        "to describe an agent that allow-lists it)",
+    )
     _client_flags(describe)
     describe.set_defaults(run=_describe)
 
@@ -606,6 +696,15 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
+def _headline(error: SigwireError) -> str:
+    """What to tell the operator: when every URL answered as another agent, only that."""
+    if isinstance(error, NoTransportAvailableError) and error.attempts:
+        wrong = [e for _, e in error.attempts if isinstance(e, UnknownSignerError) and e.expected]
+        if len(wrong) == len(error.attempts):
+            return str(wrong[0])
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -623,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sigwire: error: {exc}", file=sys.stderr)
         return exc.status
     except (SigwireError, OSError) as exc:
-        problem = str(exc)
+        problem = _headline(exc) if isinstance(exc, SigwireError) else str(exc)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

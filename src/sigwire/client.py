@@ -37,12 +37,13 @@ from sigwire.envelope import AgentCard, Envelope, Reply
 from sigwire.errors import (
     ConnectionClosedError,
     DeadlineExceededError,
+    InvalidTargetError,
     MessageTooLargeError,
     NoTransportAvailableError,
     SigwireError,
 )
 from sigwire.session import GoAwayInfo, Session, SessionOptions
-from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier
+from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier, public_key_from_did
 from sigwire.targets import Target
 from sigwire.transports.base import ClientOptions, Health, TlsClientConfig
 from sigwire.transports.registry import Registry, default_registry
@@ -101,14 +102,20 @@ class Peer:
         limits: Limits | None = None,
         keepalive: float = 20.0,
         learn_endpoints: bool = True,
+        allow_insecure_fallback: bool = False,
     ) -> None:
         if not urls:
             raise ValueError("give at least one URL")
+        if expect_did is not None:
+            public_key_from_did(expect_did)  # InvalidDidError: a pin no agent can match
         self.identity = identity or Identity.generate()
         self.expect_did = expect_did
         self._own_registry = registry is None
         self.registry = registry or default_registry()
         self.targets: list[Target] = [self.registry.parse(url) for url in urls]
+        self.allow_insecure_fallback = allow_insecure_fallback
+        if not allow_insecure_fallback:
+            _refuse_downgrade(self.targets)
         self.options = ClientOptions(
             identity=self.identity,
             tls=tls,
@@ -175,13 +182,22 @@ class Peer:
             log.debug("no agent card from %s: %s", self.url, exc)
             return
         known = {target.url for target in self.targets}
+        # Over TLS, the card must not lead a reconnect to plaintext either.
+        tls = not self.allow_insecure_fallback and any(t.tls for t in self.targets)
         for url in card.endpoints:
             if url in known:
                 continue
             try:
-                self.targets.append(self.registry.parse(url))
+                target = self.registry.parse(url)
             except SigwireError:
                 log.debug("ignoring unusable endpoint %r in the agent card", url)
+                continue
+            if target.wildcard:
+                log.debug("ignoring wildcard endpoint %r in the agent card", url)
+            elif tls and target.insecure:
+                log.debug("ignoring plaintext endpoint %r in the agent card", url)
+            else:
+                self.targets.append(target)
         self.card = card
 
     async def _open(self) -> tuple[Session, asyncio.Task[None]]:
@@ -512,6 +528,21 @@ class Peer:
         await self.close()
 
 
+def _refuse_downgrade(targets: Sequence[Target]) -> None:
+    """Refuse a plaintext fallback listed after a TLS URL: it would undo what TLS protects."""
+    secure = next((target for target in targets if target.tls), None)
+    if secure is None:
+        return
+    for target in targets[targets.index(secure) + 1 :]:
+        if target.insecure:
+            raise InvalidTargetError(
+                target.url,
+                f"a plaintext fallback after {secure.url} would send in clear what TLS "
+                "protects; list a TLS URL instead, or allow it with "
+                "allow_insecure_fallback=True (--allow-insecure-fallback)",
+            )
+
+
 async def _first(call: PendingCall, session: Session) -> Reply:
     waiter = asyncio.ensure_future(call.next())
     closed = asyncio.ensure_future(session.closed.wait())
@@ -583,13 +614,18 @@ def connect(url: str | Sequence[str], **options: Any) -> _Connecting:
             ``learn_endpoints`` (default True: after connecting, fetch the
             agent's verified card and add its endpoints as reconnect
             candidates, so that a session losing gRPC can come back over
-            WebSocket).
+            WebSocket), ``allow_insecure_fallback`` (default False: a
+            plaintext URL listed after a TLS one is refused, and plaintext
+            endpoints of a card learned over TLS are ignored).
 
     Returns:
         An awaitable that is also an async context manager yielding a :class:`Peer`.
 
     Raises:
-        NoTransportAvailableError: No URL could be reached.
+        NoTransportAvailableError: No URL could be reached, or each answered as
+            another agent than ``expect_did`` (an UnknownSignerError in ``.attempts``).
+        InvalidTargetError: A URL is invalid, or a plaintext fallback follows a TLS URL.
+        InvalidDidError: ``expect_did`` is not a did:key.
     """
     urls = [url] if isinstance(url, str) else list(url)
     return _Connecting(Peer(urls, **options))

@@ -251,16 +251,27 @@ class InvalidDidError(SigningError):
 
 
 class UnknownSignerError(SigningError):
-    """A correctly signed message from a DID the trust policy does not admit."""
+    """A correctly signed message from a DID the trust policy does not admit.
+
+    With ``expected``: from another agent than the one pinned (``expect_did``).
+    """
 
     default_reason = "SIGNER_UNKNOWN"
 
-    def __init__(self, did: str) -> None:
-        super().__init__(f"signer {did} is not trusted here", details={"signer": did})
+    def __init__(self, did: str, *, expected: str | None = None) -> None:
+        if expected is None:
+            super().__init__(f"signer {did} is not trusted here", details={"signer": did})
+        else:
+            super().__init__(
+                f"expected {expected}, the agent is {did}",
+                details={"signer": did, "expected": expected},
+            )
         self.did = did
+        self.expected = expected
 
     def _restore_from_details(self) -> None:
         self.did = self.details.get("signer", "")
+        self.expected = self.details.get("expected")
 
 
 class ReplayError(SigningError):

@@ -7,6 +7,7 @@ refused, like ssh does, when group or others may read them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import sys
@@ -22,6 +23,8 @@ __all__ = [
     "read_private_key",
     "write_private_key",
 ]
+
+log = logging.getLogger("sigwire.keyfile")
 
 _MAX_KEY_FILE = 64 * 1024
 _CHECK_MODE = sys.platform != "win32"
@@ -104,7 +107,12 @@ def write_private_key(path: str | os.PathLike[str], pem: bytes, *, overwrite: bo
 
 
 def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Identity:
-    """Load the key at ``path`` (default :func:`default_key_path`), creating it if absent."""
+    """Load the key at ``path`` (default :func:`default_key_path`), creating it if absent.
+
+    A key it creates is announced as a WARNING on the ``sigwire.keyfile``
+    logger (stderr, from the command line): a new identity is a new DID, one
+    that no peer knows yet.
+    """
     target = Path(path) if path is not None else default_key_path()
     if not target.exists():
         identity = Identity.generate()
@@ -115,6 +123,16 @@ def load_or_create_identity(path: str | os.PathLike[str] | None = None) -> Ident
                 raise
             # Another process created it first; use theirs.
         else:
+            named = (
+                " (named by $SIGWIRE_KEY)" if path is None and os.environ.get("SIGWIRE_KEY") else ""
+            )
+            log.warning(
+                "created a new identity %s in %s%s: peers that know another DID of "
+                "yours will not recognise it",
+                identity.did,
+                target,
+                named,
+            )
             return identity
     return Identity.load(target)
 

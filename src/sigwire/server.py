@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Self
 
@@ -16,6 +16,7 @@ from sigwire.dispatch import Dispatcher, Handler, Handlers, Limits
 from sigwire.envelope import AgentCard, Envelope, Reply, now_ms
 from sigwire.errors import (
     ConnectionClosedError,
+    InvalidTargetError,
     OverloadedError,
     PushExpiredError,
     ShuttingDownError,
@@ -23,7 +24,7 @@ from sigwire.errors import (
 from sigwire.session import Session, SessionOptions
 from sigwire.signing import Identity, ReplayGuard, TrustPolicy, Verifier
 from sigwire.store import SqliteStore
-from sigwire.targets import DEFAULT_WS_PATH
+from sigwire.targets import DEFAULT_WS_PATH, Target, parse_target
 from sigwire.transports.base import FrameStream, Listener, TlsServerConfig
 from sigwire.transports.grpc.server import GrpcListener
 from sigwire.transports.memory import MemoryListener
@@ -68,9 +69,18 @@ class Server:
             push outbox, the reply cache and the hellos seen across restarts;
             default: memory. A file given by path is opened here (and locked:
             one server per store) and closed by :meth:`stop`.
+        allow_origins: Web page origins (``https://app.example.com``) whose
+            pages may open a WebSocket stream, or ``"*"`` for any. By default
+            a handshake carrying an ``Origin`` header (a browser's) is refused.
+        advertise: The URLs the agent card publishes, in preference order,
+            instead of the bound ones: where clients reach this agent (behind
+            NAT, a proxy, or a listener bound to ``0.0.0.0``). Without it the
+            card lists the bound URLs, except those on a wildcard address.
 
     Raises:
         StoreError: The store file cannot be used, or another process has it open.
+        ValueError: An ``allow_origins`` entry is not an origin.
+        InvalidTargetError: An ``advertise`` URL is invalid or on a wildcard address.
     """
 
     def __init__(
@@ -91,8 +101,11 @@ class Server:
         keepalive: float = 20.0,
         replay_guard: ReplayGuard | None = None,
         store: str | os.PathLike[str] | SqliteStore | None = None,
+        allow_origins: Iterable[str] = (),
+        advertise: Iterable[str] = (),
     ) -> None:
         self.identity = identity
+        self.advertise = tuple(_advertised(url) for url in advertise)
         self.name = name
         self.handlers = Handlers()
         self.limits = limits or Limits()
@@ -124,6 +137,7 @@ class Server:
                     tls=tls,
                     keepalive=keepalive,
                     compression=ws_compression,
+                    allow_origins=allow_origins,
                 )
             )
         if memory is not None:
@@ -162,6 +176,15 @@ class Server:
         self._card = None
         self._restore_outbox()
         log.info("sigwire agent %s serving on %s", self.identity.did, ", ".join(self.urls))
+        for url in self.urls:
+            target = _target(url)
+            if target is not None and target.insecure and not target.loopback:
+                log.warning(
+                    "%s serves plaintext beyond this host: anyone on the path reads and "
+                    "alters its traffic (signatures still hold); serve TLS (--tls-cert and "
+                    "--tls-key) or bind to 127.0.0.1",
+                    url,
+                )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain and stop.
@@ -229,7 +252,7 @@ class Server:
                 AgentCard(
                     did=self.identity.did,
                     name=self.name,
-                    endpoints=tuple(self.urls),
+                    endpoints=self.advertise or _reachable(self.urls),
                     kinds=self.handlers.kinds(),
                     max_message_size=self.limits.max_message_size,
                     created_at_ms=now_ms(),
@@ -388,3 +411,25 @@ class Server:
             delay = max(0.0, (expires_ms - now_ms()) / 1000)
             loop.call_later(delay, self._withdraw, did, call)
             log.info("restored push %s to %s from the store", envelope.id, did)
+
+
+def _target(url: str) -> Target | None:
+    try:
+        return parse_target(url)
+    except InvalidTargetError:
+        return None
+
+
+def _reachable(urls: Iterable[str]) -> tuple[str, ...]:
+    """The bound URLs a client can connect to: a wildcard address is for binding only."""
+    targets = [(url, _target(url)) for url in urls]
+    return tuple(url for url, target in targets if target is None or not target.wildcard)
+
+
+def _advertised(url: str) -> str:
+    target = parse_target(url)
+    if target.wildcard:
+        raise InvalidTargetError(
+            url, "a wildcard address is for binding, not connecting; advertise a name or address"
+        )
+    return url

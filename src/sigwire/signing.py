@@ -550,7 +550,7 @@ class Verifier:
         if reply.request_id != request.id or reply.request_digest != request.digest():
             raise InvalidSignatureError("the reply answers a different request")
         if expected_responder is not None and reply.responder != expected_responder:
-            raise UnknownSignerError(reply.responder)
+            raise UnknownSignerError(reply.responder, expected=expected_responder)
         if forged:
             raise InvalidSignatureError("the signature does not verify")
         if not signature_checked:
@@ -559,7 +559,7 @@ class Verifier:
     def verify_card(self, card: AgentCard, *, expected_did: str | None = None) -> None:
         """Check an AgentCard's self-signature (and, if given, whose card it is)."""
         if expected_did is not None and card.did != expected_did:
-            raise UnknownSignerError(card.did)
+            raise UnknownSignerError(card.did, expected=expected_did)
         if card.signature is not None and card.signature.batch is not None:
             raise InvalidSignatureError("a card is signed alone, never in a batch")
         self.check_signature(card.signature, card.did, card.signing_input())

@@ -23,12 +23,25 @@ import urllib.parse
 
 from sigwire.errors import InvalidTargetError, UnsupportedSchemeError
 
-__all__ = ["DEFAULT_PORTS", "DEFAULT_WS_PATH", "KNOWN_SCHEMES", "Target", "parse_target"]
+__all__ = [
+    "ANY_ORIGIN",
+    "DEFAULT_PORTS",
+    "DEFAULT_WS_PATH",
+    "KNOWN_SCHEMES",
+    "Target",
+    "parse_origin",
+    "parse_target",
+]
 
 DEFAULT_WS_PATH = "/sigwire/v1"
 DEFAULT_PORTS = {"grpc": 50051, "grpcs": 443, "ws": 80, "wss": 443}
 KNOWN_SCHEMES = ("grpc", "grpcs", "ws", "wss", "unix", "memory")
 _TLS_SCHEMES = frozenset({"grpcs", "wss"})
+# Schemes that never leave the host: no network to protect, with or without TLS.
+_LOCAL_SCHEMES = frozenset({"unix", "memory"})
+ANY_ORIGIN = "*"
+"""Among allowed origins: web pages of every origin."""
+_WEB_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +69,35 @@ class Target:
         """``host:port`` with IPv6 brackets, as gRPC and sockets expect."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def insecure(self) -> bool:
+        """Plaintext over a network: neither TLS nor a local socket or name."""
+        return not self.tls and self.scheme not in _LOCAL_SCHEMES
+
+    @property
+    def wildcard(self) -> bool:
+        """The host is an unspecified address (``0.0.0.0``, ``::``): bound to, never reached."""
+        ip = _ip(self.host)
+        return ip is not None and ip.is_unspecified
+
+    @property
+    def loopback(self) -> bool:
+        """The host is ``localhost`` or a loopback address (or the scheme is local)."""
+        if self.scheme in _LOCAL_SCHEMES:
+            return True
+        ip = _ip(self.host)
+        return ip.is_loopback if ip is not None else self.host.lower() == "localhost"
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    # ::ffff:127.0.0.1 is 127.0.0.1 (Python < 3.13 does not say so itself).
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped or ip
 
 
 def parse_target(url: str, schemes: tuple[str, ...] | frozenset[str] = KNOWN_SCHEMES) -> Target:
@@ -123,3 +165,33 @@ def parse_target(url: str, schemes: tuple[str, ...] | frozenset[str] = KNOWN_SCH
     return Target(
         url=url, scheme=scheme, host=host, port=port, path=path, tls=scheme in _TLS_SCHEMES
     )
+
+
+def parse_origin(text: str) -> tuple[str, str, int | None]:
+    """The ``(scheme, host, port)`` of a web origin, as browsers send it in ``Origin``.
+
+    Origins compare as RFC 6454 says: scheme and host case-insensitively, and
+    a default port equals no port, so ``HTTPS://Example.COM:443`` is
+    ``https://example.com``. (Browsers send hosts lower-case, IDNs in punycode.)
+
+    Raises:
+        ValueError: Not ``scheme://host[:port]``. The opaque origin ``null``
+            (sandboxed frames, ``file:`` pages) is refused too: every such page
+            sends the same ``null``, so none can be told apart.
+    """
+    problem = (
+        f"not an origin: {text[:120]!r} (expected scheme://host[:port], such as "
+        f"https://app.example.com, or {ANY_ORIGIN} for any)"
+    )
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(problem) from None
+    host = (parts.hostname or "").lower()
+    if not parts.scheme or not host or parts.path not in ("", "/"):
+        raise ValueError(problem)
+    if parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(problem)
+    scheme = parts.scheme.lower()
+    return scheme, host, port if port is not None else _WEB_PORTS.get(scheme)

@@ -4,6 +4,10 @@
 become READY (TCP + TLS + HTTP/2 settings exchanged) within the connect
 timeout, so an endpoint that refuses, black-holes, or speaks only HTTP/1.1
 fails fast with :class:`~sigwire.errors.ConnectError` and a reason.
+
+grpc tells a failed channel apart from a working one, not why it failed: when
+a ``grpcs://`` channel fails, one TLS handshake by the ``ssl`` module, with
+the same certificates, finds out which side refused what, and the error says it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -153,6 +158,7 @@ class GrpcConnector:
         tls = options.tls or TlsClientConfig()
         if tls.server_name:
             channel_options.append(("grpc.ssl_target_name_override", tls.server_name))
+        _check_tls_files(target, tls)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=Path(tls.ca_file).read_bytes() if tls.ca_file else None,
             private_key=Path(tls.key_file).read_bytes() if tls.key_file else None,
@@ -160,7 +166,13 @@ class GrpcConnector:
         )
         return grpc.aio.secure_channel(target.authority, credentials, options=channel_options)
 
-    async def _ready(self, channel: grpc.aio.Channel, target: Target, timeout: float) -> None:
+    async def _ready(
+        self,
+        channel: grpc.aio.Channel,
+        target: Target,
+        timeout: float,
+        tls: TlsClientConfig | None = None,
+    ) -> None:
         # Fail fast: a connection attempt that ends in TRANSIENT_FAILURE
         # (refused, reset, not HTTP/2, TLS refused) is an answer; only a
         # silent endpoint costs the whole timeout. A TRANSIENT_FAILURE left
@@ -178,9 +190,11 @@ class GrpcConnector:
                     if state in starting:
                         attempted = True
                     elif state == failed and attempted:
+                        problem = "connection failed (refused, reset, not gRPC, or TLS refused)"
+                        if target.tls:
+                            problem = await _tls_problem(target, tls) or problem
                         raise ConnectError(
-                            f"{target.url}: connection failed (refused, reset, not gRPC, "
-                            "or TLS refused)",
+                            f"{target.url}: {problem}",
                             details={"url": target.url, "state": state.name},
                         )
                     await channel.wait_for_state_change(state)
@@ -196,7 +210,7 @@ class GrpcConnector:
         """Probe ``target`` and open a Connect stream on a pooled channel."""
         key, pooled = self._acquire(target, options)
         try:
-            await self._ready(pooled.channel, target, options.connect_timeout)
+            await self._ready(pooled.channel, target, options.connect_timeout, options.tls)
             call = pooled.channel.stream_stream(
                 _CONNECT, request_serializer=_identity, response_deserializer=_identity
             )(None)
@@ -215,7 +229,7 @@ class GrpcConnector:
     ) -> AsyncIterator[grpc.aio.Channel]:
         key, pooled = self._acquire(target, options)
         try:
-            await self._ready(pooled.channel, target, options.connect_timeout)
+            await self._ready(pooled.channel, target, options.connect_timeout, options.tls)
             yield pooled.channel
         finally:
             await self._release(key, pooled)
@@ -254,3 +268,124 @@ class GrpcConnector:
         for pooled in pool.values():
             with contextlib.suppress(Exception):
                 await pooled.channel.close(grace=None)
+
+
+def _check_tls_files(target: Target, tls: TlsClientConfig) -> None:
+    """Check the client's TLS files with the ssl module before grpc reads them.
+
+    grpc aborts the process (a failed CHECK) on a certificate without its key,
+    and reports a CA file holding no certificate, or a key that does not
+    match its certificate, only as "Failed to create security handshaker".
+
+    Raises:
+        ConnectError: A file is missing, unreadable, or not what it should be.
+    """
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConnectError(
+            f"{target.url}: a client certificate needs its key (cert_file and key_file go together)"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if tls.ca_file:
+            context.load_verify_locations(cafile=tls.ca_file)
+    except (OSError, ValueError) as exc:
+        raise ConnectError(f"{target.url}: CA file {tls.ca_file}: {_reason(exc)}") from None
+    try:
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ValueError) as exc:
+        raise ConnectError(
+            f"{target.url}: client certificate {tls.cert_file} with key {tls.key_file}: "
+            f"{_reason(exc)}"
+        ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return {
+            "KEY_VALUES_MISMATCH": "the key does not match the certificate",
+            "NO_CERTIFICATE_OR_CRL_FOUND": "no PEM certificate in it",
+        }.get(exc.reason, exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+async def _tls_problem(target: Target, tls: TlsClientConfig | None) -> str | None:
+    """What fails in a TLS handshake with ``target``, and what to do; None if nothing does.
+
+    One handshake with the ssl module, offering what grpc offers (the same
+    roots, client certificate, name and ALPN ``h2``), then one read: a gRPC
+    server's first bytes are its HTTP/2 SETTINGS, so a server that closes
+    the connection instead has refused the client's certificate (or its absence).
+    """
+    tls = tls or TlsClientConfig()
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ValueError):
+        return None  # the files changed since the channel was made; no diagnosis
+    context.set_alpn_protocols(["h2"])
+    name = tls.server_name or target.host
+    try:
+        reader, writer = await asyncio.open_connection(
+            target.host, target.port, ssl=context, server_hostname=name
+        )
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"the server's certificate is not trusted ({exc.verify_message}): give the CA "
+            "that signed it (--tls-ca, TlsClientConfig.ca_file), or the name it is issued "
+            "for (server_name)"
+        )
+    except ssl.SSLError as exc:
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            return "the server does not speak TLS on this port (grpc:// instead of grpcs://?)"
+        if exc.reason in _REFUSED_CERT:
+            return _refused(tls, exc.reason)
+        return f"TLS handshake failed ({exc.reason or exc})"
+    except OSError:
+        return None  # not a TLS problem: the caller's message stands
+    try:
+        async with asyncio.timeout(_FIRST_BYTES_TIMEOUT):
+            first = await reader.read(1)
+    except ssl.SSLError as exc:
+        if exc.reason in _REFUSED_CERT:
+            return _refused(tls, exc.reason)
+        return f"TLS failed after the handshake ({exc.reason or exc})"
+    except TimeoutError:
+        return None  # a TLS server, but not one that speaks first as gRPC does
+    except OSError:
+        first = b""
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return None if first else _refused(tls, None)
+
+
+# TLS alerts with which a server refuses a client certificate (or its absence).
+_REFUSED_CERT = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+    }
+)
+# A gRPC server sends its HTTP/2 SETTINGS as soon as the handshake ends.
+_FIRST_BYTES_TIMEOUT = 2.0
+
+
+def _refused(tls: TlsClientConfig, alert: str | None) -> str:
+    said = f" ({alert})" if alert else " (it closed the connection after the TLS handshake)"
+    if not tls.cert_file:
+        return (
+            f"the server requires a client certificate{said}: give one signed by a CA it "
+            "trusts (--tls-cert and --tls-key, TlsClientConfig.cert_file and key_file)"
+        )
+    return (
+        f"the server refused the client certificate {tls.cert_file}{said}: it must be "
+        "signed by a CA the server trusts (its --tls-ca) and be valid for client auth"
+    )

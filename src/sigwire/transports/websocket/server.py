@@ -5,6 +5,10 @@ subprotocols negotiated by name: ``sigwire.v1.proto`` (one binary protobuf
 Frame per message) and ``sigwire.v1.json`` (one text message per Frame, in
 protobuf's canonical JSON mapping). ``GET /.well-known/sigwire-agent.json``
 on the same port returns the signed AgentCard as JSON.
+
+A handshake that carries an ``Origin`` header comes from a web page, which
+any site can make a visitor's browser open: it is refused (403) unless its
+origin is allowed. Handshakes without one (programs, not browsers) pass.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import contextlib
 import http
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -22,7 +26,7 @@ from websockets.typing import Subprotocol
 
 from sigwire import _proto
 from sigwire.session import max_frame_size
-from sigwire.targets import DEFAULT_WS_PATH
+from sigwire.targets import ANY_ORIGIN, DEFAULT_WS_PATH, parse_origin
 from sigwire.transports.base import ServerCore, TlsServerConfig
 from sigwire.transports.websocket.errors import (
     CLOSE_TIMEOUT,
@@ -59,6 +63,11 @@ class WebSocketListener:
             pong for as long is dropped).
         compression: Offer permessage-deflate (off by default: it costs ~25%
             of throughput and the payloads are often already compact).
+        allow_origins: Origins of the web pages allowed to connect
+            (``scheme://host[:port]``), or ``*`` for any; by default none.
+
+    Raises:
+        ValueError: An entry of ``allow_origins`` is not an origin.
     """
 
     def __init__(
@@ -70,6 +79,7 @@ class WebSocketListener:
         tls: TlsServerConfig | None = None,
         keepalive: float = 20.0,
         compression: bool = False,
+        allow_origins: Iterable[str] = (),
     ) -> None:
         self.core = core
         self.address = address
@@ -77,6 +87,10 @@ class WebSocketListener:
         self.tls = tls
         self.keepalive = keepalive
         self.compression = compression
+        origins = list(allow_origins)
+        self.allowed_origins = (
+            None if ANY_ORIGIN in origins else frozenset(parse_origin(o) for o in origins)
+        )
         self.url = ""
         self._server: Server | None = None
         self._draining = False
@@ -128,9 +142,28 @@ class WebSocketListener:
             return Response(200, "OK", headers, body)
         if request.path.split("?", 1)[0] != self.path:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "no sigwire endpoint here\n")
+        refusal = self._refuse_origin(request.headers.get_all("Origin"))
+        if refusal:
+            return connection.respond(http.HTTPStatus.FORBIDDEN, refusal)
         if self._draining:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         return None
+
+    def _refuse_origin(self, origins: Sequence[str]) -> str:
+        """Why a handshake with these ``Origin`` headers is refused; "" if it is not."""
+        if not origins or self.allowed_origins is None:
+            return ""
+        if len(origins) > 1:
+            return "more than one Origin header\n"
+        with contextlib.suppress(ValueError):
+            if parse_origin(origins[0]) in self.allowed_origins:
+                return ""
+        shown = origins[0] if len(origins[0]) <= 120 else origins[0][:117] + "..."
+        log.info("refused a WebSocket handshake from origin %r", shown)
+        return (
+            f"origin {shown} may not open a sigwire stream here: the agent admits web "
+            "pages only from the origins its operator allows (--allow-origin)\n"
+        )
 
     async def _handle(self, ws: ServerConnection) -> None:
         subprotocol = ws.subprotocol
