@@ -30,6 +30,7 @@ from sigwire.envelope import Envelope, Message, Reply, ReplyError, Signature, no
 from sigwire.errors import (
     HandlerCancelledError,
     HandlerError,
+    InternalError,
     InvalidSignatureError,
     KindUnknownError,
     MessageTooLargeError,
@@ -60,6 +61,7 @@ __all__ = [
     "SessionHooks",
     "TokenBuckets",
     "finished",
+    "internal_error",
 ]
 
 log = logging.getLogger("sigwire.server")
@@ -659,14 +661,14 @@ class Dispatcher:
             # so nothing is replayed, and work already done does not fail.
             if exc.floor_ms is None or envelope.kind == HELLO_KIND:
                 raise
-            entry = self.cache.get(key)
+            entry = self._cached(key, envelope, fresh=False)
             if entry is None or entry.content != _content(envelope):
                 raise  # (an answer restored from a store does not know what was asked)
             fresh = False
         else:
             if envelope.kind == HELLO_KIND:
                 return self._hello(envelope, session, fresh)
-            entry = self.cache.get(key)
+            entry = self._cached(key, envelope, fresh=fresh)
         if entry is not None and entry.content not in (None, _content(envelope)):
             # Same id, other request: its cached answer must not pass for this one's.
             raise ReplayError("this id was already used for a different request")
@@ -714,6 +716,18 @@ class Dispatcher:
                     self.guard.release(envelope)  # the identical retry may come later
                 raise
         return entry
+
+    def _cached(self, key: tuple[str, str], envelope: Envelope, *, fresh: bool) -> Answer | None:
+        # The cache's answer to ``key``; a failure of its store is the
+        # agent's, and the envelope may come again once it is mended.
+        try:
+            return self.cache.get(key)
+        except Exception:
+            if fresh:
+                self.guard.release(envelope)
+            raise internal_error(
+                "the reply cache failed on envelope %r from %r", envelope.id, envelope.sender
+            ) from None
 
     def _hello(self, envelope: Envelope, session: SessionHooks | None, fresh: bool) -> Reply:
         if session is None:
@@ -916,3 +930,15 @@ def _crashed(envelope: Envelope) -> HandlerError:
         error_id,
     )
     return HandlerError(error_id)
+
+
+def internal_error(what: str, *args: object) -> InternalError:
+    """The error a peer gets for the exception being handled, which is logged.
+
+    Call it from an ``except`` block: the traceback goes to the
+    ``sigwire.server`` log at ERROR, as ``what % args`` and an error id;
+    the peer gets the id only (``INTERNAL``).
+    """
+    error_id = uuid.uuid4().hex[:12]
+    log.exception(what + " [error_id=%s]", *args, error_id)
+    return InternalError(error_id)

@@ -32,7 +32,7 @@ from typing import Final, TypeVar
 from sigwire import _proto
 from sigwire._eager import start_eagerly
 from sigwire._proto import pb
-from sigwire.dispatch import Answer, Dispatcher, finished
+from sigwire.dispatch import Answer, Dispatcher, finished, internal_error
 from sigwire.envelope import Envelope, Reply, Signature
 from sigwire.errors import (
     ConnectionClosedError,
@@ -740,8 +740,10 @@ class Session:
             self._answer(envelope, _answered(dispatcher.error_reply(envelope, exc)))
             return
         except Exception:
-            log.exception("%s: failed to answer envelope %r", self.name, envelope.id)
-            self._served()
+            # A bug of the agent's: the peer still hears that this envelope
+            # failed (with an error id; the traceback stays in the log).
+            error = internal_error("%s: failed to start envelope %r", self.name, envelope.id)
+            self._answer(envelope, _answered(dispatcher.error_reply(envelope, error)))
             return
         if isinstance(started, Reply):
             self._answer(envelope, _answered(started))  # a hello's
