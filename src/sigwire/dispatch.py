@@ -524,9 +524,6 @@ class ReplyCache:
 class SessionHooks(Protocol):
     """What a stream session lets the dispatcher do (bind it to a DID)."""
 
-    #: Ids the stream re-sent and had answered from the cache (None: none yet).
-    resent: set[str] | None
-
     def bind(self, did: str, *, batch_signatures: bool = False, acked: bool = False) -> None:
         """Record that the stream's peer is ``did`` (verified by its hello).
 
@@ -703,17 +700,17 @@ class Dispatcher:
             if not entry.done:
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
-        elif self.buckets is not None and (fresh or not _first_resend(session, envelope.id)):
-            # A re-send answered from the cache runs no handler, yet it costs
-            # the agent every cached reply again (and a re-signed retry, a
-            # signature on each): it is rated, but for the one re-send per id
-            # a client makes on a new stream after a reconnect, which must
-            # not fail for work already done.
+        elif self.buckets is not None and fresh:
+            # A re-signed retry answered from the cache runs no handler, yet
+            # costs a signature on each cached reply: only its sender can make
+            # one, and it is rated. An exact duplicate is not: anyone who saw
+            # the envelope can replay it, and charging it to the sender would
+            # let them drain the sender's bucket. It costs no new signature,
+            # and its replies wait for room like any others.
             try:
                 self.buckets.take(envelope.sender)
             except SigwireError:
-                if fresh:
-                    self.guard.release(envelope)  # the identical retry may come later
+                self.guard.release(envelope)  # the identical retry may come later
                 raise
         return entry
 
@@ -886,20 +883,6 @@ class Dispatcher:
 def finished(answer: Answer) -> bool:
     """Whether a done answer ended with its final reply (else it was cancelled)."""
     return bool(answer.replies) and answer.replies[-1].final
-
-
-def _first_resend(session: SessionHooks | None, request_id: str) -> bool:
-    # True the first time ``session`` re-sends ``request_id`` (an exact
-    # duplicate of a request it, or an earlier stream, sent).
-    if session is None:
-        return False  # a unary Send: each call is its own RPC
-    resent = session.resent
-    if resent is None:
-        resent = session.resent = set()
-    elif request_id in resent:
-        return False
-    resent.add(request_id)
-    return True
 
 
 def _content(envelope: Envelope) -> int:

@@ -341,7 +341,6 @@ class Session:
         "options",
         "peer_did",
         "piggyback_acks",
-        "resent",
         "stream",
     )
 
@@ -380,9 +379,6 @@ class Session:
         self._on_signed = on_signed
         self.batch_signatures = batch_signatures
         self.piggyback_acks = piggyback_acks
-        # Ids this stream re-sent and had answered from the reply cache (made
-        # on the first one): the dispatcher rates only a second re-send.
-        self.resent: set[str] | None = None
         self._identity = dispatcher.identity
         # Handlers (and writes started at once) run in copies of the context
         # the session was made in, never of another handler's.
