@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import inspect
@@ -20,8 +21,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeAlias
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeAlias, cast
 
 from sigwire import _proto
 from sigwire._eager import start_eagerly
@@ -35,6 +36,7 @@ from sigwire.errors import (
     KindUnknownError,
     MessageTooLargeError,
     MisdirectedError,
+    OverloadedError,
     RateLimitedError,
     ReplayError,
     ShuttingDownError,
@@ -62,6 +64,7 @@ __all__ = [
     "TokenBuckets",
     "finished",
     "internal_error",
+    "reply_cost",
 ]
 
 log = logging.getLogger("sigwire.server")
@@ -94,6 +97,13 @@ def hello_features(content_type: str) -> frozenset[str]:
 
 RESERVED_PREFIX = "sigwire."
 
+# A streaming handler runs at most _LEAD parts (fewer for large parts: about
+# _LEAD_BYTES of them) ahead of the fastest reader of its answer, and lets
+# the loop run once every _YIELD_EVERY parts it gives without waiting.
+_LEAD = 32
+_LEAD_BYTES = 256 * 1024
+_YIELD_EVERY = 16
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
@@ -106,8 +116,14 @@ class Limits:
         window: Unacknowledged messages in flight per stream and direction.
         max_concurrent_streams: Concurrent gRPC streams per connection.
         reply_cache_size: Answers remembered for idempotent retries.
-        reply_cache_bytes: Reply data those answers may hold in memory, in bytes.
+        reply_cache_bytes: Memory those answers may hold, in bytes: each
+            reply counts its data and what keeping it costs (objects, ids,
+            signatures), see ``reply_cost``.
         reply_cache_ttl: How long they are remembered, in seconds.
+        max_answer_bytes: What one answer (every part of a streamed one) may
+            hold, counted as in ``reply_cache_bytes`` (and never more than
+            ``reply_cache_bytes``); a streaming handler that goes beyond is
+            stopped and its answer ends with ``OVERLOADED``.
         outbox_size: Pushes waiting per agent (offline or reconnecting).
     """
 
@@ -119,6 +135,7 @@ class Limits:
     reply_cache_size: int = 50_000
     reply_cache_bytes: int = 256 * 1024 * 1024
     reply_cache_ttl: float = 660.0
+    max_answer_bytes: int = 64 * 1024 * 1024
     outbox_size: int = 1000
 
 
@@ -203,10 +220,23 @@ class Answer:
     Readers either iterate :meth:`follow` (the unary RPCs) or register a
     callback with :meth:`watch` (stream sessions), which runs synchronously on
     every change: a session queues each reply the moment the handler gives
-    it, with no task of its own in between.
+    it, with no task of its own in between. Readers report how far they got
+    (:meth:`took`): a streaming handler runs at most a few parts ahead of its
+    fastest reader (:meth:`wait_for_reader`), so a peer that does not read
+    holds the handler back instead of making the agent keep its parts.
     """
 
-    __slots__ = ("_changed", "_watchers", "content", "done", "expires", "replies", "size")
+    __slots__ = (
+        "_changed",
+        "_room",
+        "_watchers",
+        "content",
+        "done",
+        "expires",
+        "replies",
+        "size",
+        "taken",
+    )
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
@@ -215,9 +245,12 @@ class Answer:
         self.size = 0
         # What was asked (None for answers restored from a store).
         self.content: int | None = None
-        # Made only while someone follows or watches.
+        # Replies the furthest reader has taken.
+        self.taken = 0
+        # Made only while someone follows or watches, or the handler waits.
         self._changed: asyncio.Event | None = None
         self._watchers: list[Callable[[], None]] | None = None
+        self._room: asyncio.Future[None] | None = None
 
     def add(self, reply: Reply) -> None:
         self.replies.append(reply)
@@ -238,6 +271,31 @@ class Answer:
         if watchers is not None and callback in watchers:
             watchers.remove(callback)
 
+    def took(self, count: int) -> None:
+        """A reader has taken the first ``count`` replies."""
+        if count > self.taken:
+            self.taken = count
+            room, self._room = self._room, None
+            if room is not None and not room.done():
+                room.set_result(None)
+
+    async def wait_for_reader(self, lead: int, timeout: float) -> bool:
+        """Wait until a reader is fewer than ``lead`` replies behind.
+
+        Returns:
+            False if no reader took a reply for ``timeout`` seconds.
+        """
+        while len(self.replies) - self.taken >= lead:
+            room = self._room
+            if room is None:
+                room = self._room = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await room
+            except TimeoutError:
+                return False
+        return True
+
     def _wake(self) -> None:
         # A fresh Event per change: readers wait on the one they saw, so none
         # misses a change and none needs clearing.
@@ -254,6 +312,7 @@ class Answer:
             while index < len(self.replies):
                 yield self.replies[index]
                 index += 1
+                self.took(index)
             if self.done:
                 return
             changed = self._changed
@@ -376,6 +435,25 @@ def _unpack_reply(f: _Packed) -> Reply:
     return reply
 
 
+# What keeping one reply costs on top of its data, in bytes: the Reply and
+# its int and bytes objects, and the signed form a write attaches to it (a
+# batch form, the larger one: another Reply, its Signature, proof and path).
+# A streamed part of a few bytes, batch-signed, holds ~790 bytes of RSS,
+# ~560 packed; an answer adds its Answer, list, key and cache slot.
+_REPLY_COST = 800
+_ANSWER_COST = 600
+
+
+def reply_cost(reply: Reply) -> int:
+    """Bytes of memory that keeping ``reply`` in an answer costs (an estimate from above)."""
+    cost = _REPLY_COST + len(reply.data) + len(reply.content_type)
+    error = reply.error
+    if error is not None:
+        cost += 200 + len(error.reason) + len(error.message)
+        cost += sum(100 + len(k) + len(v) for k, v in error.details.items())
+    return cost
+
+
 def _expired(entry: Answer | _Packed, now: float) -> bool:
     if isinstance(entry, tuple):
         return bool(entry[0] < now)
@@ -466,7 +544,7 @@ class ReplyCache:
         if last is not None:
             entry.replies.append(last)
         entry.expires = time.monotonic() + self.ttl
-        entry.size = sum(len(reply.data) for reply in entry.replies)
+        entry.size = _ANSWER_COST + sum(reply_cost(reply) for reply in entry.replies)
         self.bytes += entry.size
         if persist and key is not None and self.store is not None:
             data = [_proto.reply_to_pb(reply).SerializeToString() for reply in entry.replies]
@@ -815,9 +893,32 @@ class Dispatcher:
         try:
             try:
                 if streams:
-                    async for item in handler(message):  # type: ignore[union-attr]
-                        entry.add(self.reply(envelope, item, sequence=sequence, final=False))
-                        sequence += 1
+                    limit = min(self.limits.max_answer_bytes, self.cache.max_bytes)
+                    kept = _ANSWER_COST
+                    parts = cast("AsyncGenerator[HandlerResult, None]", handler(message))
+                    async with contextlib.aclosing(parts):
+                        async for item in parts:
+                            reply = self.reply(envelope, item, sequence=sequence, final=False)
+                            cost = reply_cost(reply)
+                            kept += cost
+                            if kept > limit:
+                                raise OverloadedError(
+                                    f"the answer outgrew the {limit} bytes one answer may keep",
+                                    details={"limit": str(limit)},
+                                )
+                            entry.add(reply)
+                            sequence += 1
+                            # Backpressure, and a turn of the loop now and then:
+                            # a generator that never awaits must not hold the
+                            # loop, nor a peer that stops reading grow its answer.
+                            lead = max(1, min(_LEAD, _LEAD_BYTES // cost))
+                            if len(entry.replies) - entry.taken >= lead:
+                                if not await entry.wait_for_reader(lead, self.cache.ttl):
+                                    raise OverloadedError(
+                                        f"nobody read the answer for {self.cache.ttl:g}s"
+                                    )
+                            elif not sequence % _YIELD_EVERY:
+                                await asyncio.sleep(0)
                     last = self.reply(envelope, b"", sequence=sequence)
                 else:
                     result = await handler(message)  # type: ignore[misc]

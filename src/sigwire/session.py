@@ -783,6 +783,7 @@ class Session:
                 reply = self.dispatcher.restate(replies[answering.index], answering.digest)
                 answering.index += 1
                 self._send(reply)
+            entry.took(answering.index)
             if not entry.done:
                 return
             entry.unwatch(answering)
