@@ -70,6 +70,11 @@ _BATCH_VERIFY: Final = 2
 # one) goes to a worker thread (Ed25519 releases the GIL), so that it cannot
 # hold the loop for milliseconds.
 _INLINE_CHECKS: Final = 2
+# One pass of the pump starts envelopes for _START_BUDGET seconds at most
+# (at least one) before it lets the loop run.
+_START_BUDGET: Final = 0.005
+# The writer lets the loop run after this many frames written without a pause.
+_WRITE_FRAMES: Final = 4
 
 
 def max_frame_size(max_message_size: int) -> int:
@@ -660,28 +665,33 @@ class Session:
 
     def _pump(self) -> None:
         # Start what the window allows. Starting is synchronous (every check
-        # before the handler runs here), and an envelope may be answered at
-        # once (a refusal, a cached answer) and free its slot: the loop, not
-        # a nested call, then starts the next one.
+        # before the handler runs here, and the handler's first step), and an
+        # envelope may be answered at once (a refusal, a cached answer) and
+        # free its slot: the loop, not a nested call, then starts the next one.
+        # One pass starts envelopes for _START_BUDGET seconds at most; the
+        # rest start on a later turn of the loop, so that handlers that do
+        # much before their first wait cannot hold it for a whole frame.
         if self._pumping:
             return
         self._pumping = True
+        backlog = self._backlog
+        started = 0
+        deadline = time.perf_counter() + _START_BUDGET
         try:
-            backlog = self._backlog
-            while backlog and not self._closing:
-                room = self.options.window - self._serving
-                if room <= 0:
+            window = self.options.window
+            while started < len(backlog) and self._serving < window and not self._closing:
+                if started and time.perf_counter() > deadline:
+                    asyncio.get_running_loop().call_soon(self._pump)
                     break
-                starting = backlog[:room]
-                del backlog[: len(starting)]
-                for _, entry, _ in starting:
-                    entry[1] -= 1
-                self._serving += len(starting)
+                envelope, entry, verdict = backlog[started]
+                started += 1
+                entry[1] -= 1
+                self._serving += 1
                 # Started from here on: a reply written at once carries the ack.
                 self._advance_received()
-                for envelope, _, verdict in starting:
-                    self._start(envelope, verdict)
+                self._start(envelope, verdict)
         finally:
+            del backlog[:started]
             self._pumping = False
         self._advance_ack()
 
@@ -855,9 +865,13 @@ class Session:
 
     async def _writer(self) -> None:
         queue = self._queue
+        # Flushes since the writer last let the loop run, as far as it knows.
+        flushes = 0
         try:
             while True:
-                await queue.wait()
+                if queue.empty():
+                    await queue.wait()
+                    flushes = 0
                 if self._writing:
                     # A message being written at once; what was queued behind
                     # it goes next, in order.
@@ -872,6 +886,7 @@ class Session:
                     # paying a whole signature and verification. Nothing is
                     # written at once meanwhile: the queue is not empty.
                     await asyncio.sleep(0)
+                    flushes = 0
                 batch = [queue.get_nowait()]
                 size = 0
                 while not queue.empty() and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
@@ -888,6 +903,14 @@ class Session:
                     self._writing = False
                 if stop:
                     return
+                flushes += 1
+                if flushes >= _WRITE_FRAMES:
+                    # A transport that takes every frame without waiting never
+                    # suspends the writer, and each frame written frees room
+                    # for more replies: up to four windows of them, each
+                    # signed on its own for a peer that does not batch.
+                    await asyncio.sleep(0)
+                    flushes = 0
         except Exception as exc:
             await self._write_failed(exc)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc.aio
@@ -19,8 +20,10 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 import sigwire
+from sigwire import _proto
 from sigwire.demo import add_builtin_handlers
 from sigwire.dispatch import reply_cost
+from sigwire.transports.memory import DEFAULT_HUB
 from tests.conftest import TIMEOUT
 from tests.hostile.conftest import PROTO, frame_bytes, raw_connect, signed
 from tests.servers import LOCAL
@@ -161,6 +164,68 @@ async def test_a_frame_of_long_streams_does_not_stall_the_loop(
                     await _echoes(healthy, 1)
                 await _echoes(healthy, 20)
     # Run whole inside the frame reader, the counts held the loop for ~8 s.
+    assert probe.worst < 1.0, f"the loop stalled {probe.worst * 1000:.0f} ms"
+
+
+async def test_the_writer_lets_the_loop_run_every_few_frames(
+    client_identity: sigwire.Identity,
+) -> None:
+    """Over a transport that never makes it wait, one turn of the loop writes a few frames."""
+    name = f"unread-{uuid.uuid4().hex}"
+    server = sigwire.Server(
+        sigwire.Identity.generate(), memory=name, limits=sigwire.Limits(rate=None)
+    )
+    add_builtin_handlers(server)
+    await server.start()
+    try:
+        listener = DEFAULT_HUB.get(name)
+        assert listener is not None
+        stream = listener.accept()  # the peer's end, never read: what reaches it stays
+        await stream.send(frame_bytes(100, *_counts(client_identity, 100)))
+        largest = seen = 0
+        async with asyncio.timeout(TIMEOUT):
+            while seen < 300:
+                await asyncio.sleep(0)  # one turn of the loop
+                written = stream._inbox.qsize() - seen
+                largest, seen = max(largest, written), seen + written
+    finally:
+        await server.stop(grace=0)
+    # Four frames of replies (each with its ack) from the writer, and one written at once;
+    # unbounded, a turn wrote every reply queued, four windows of them.
+    assert largest <= 10, f"{largest} frames written in one turn of the loop"
+
+
+async def test_handlers_busy_before_their_first_wait_do_not_hold_the_loop_for_a_frame(
+    client_identity: sigwire.Identity,
+) -> None:
+    """128 handlers each busy 20 ms before awaiting, in one frame: no stall of a second."""
+    async with builtin_server(limits=sigwire.Limits(rate=None)) as server:
+
+        @server.on("busy")
+        async def busy(msg: sigwire.Message) -> bytes:
+            until = time.perf_counter() + 0.02
+            while time.perf_counter() < until:
+                pass
+            return b"done"
+
+        authority = server.urls[0].removeprefix("grpc://")
+        channel = grpc.aio.insecure_channel(authority)
+        try:
+            async with asyncio.timeout(TIMEOUT * 3):
+                call = raw_connect(channel)
+                envelopes = [signed(client_identity, "busy") for _ in range(128)]
+                async with probing() as probe:
+                    await call.write(frame_bytes(128, *envelopes))
+                    answered: set[str] = set()
+                    while len(answered) < 128:
+                        data = await call.read()
+                        assert data is not grpc.aio.EOF
+                        frame = _proto.pb.Frame.FromString(data)
+                        answered |= {r.request_id for r in frame.replies.replies if r.final}
+                call.cancel()
+        finally:
+            await channel.close(grace=None)
+    # Started all at once, they held the loop for 128 x 20 ms.
     assert probe.worst < 1.0, f"the loop stalled {probe.worst * 1000:.0f} ms"
 
 
