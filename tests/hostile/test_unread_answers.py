@@ -85,6 +85,19 @@ def _counts(me: sigwire.Identity, n: int, payload: bytes = b"10000") -> list[sig
     return [signed(me, "count", payload) for _ in range(n)]
 
 
+async def _until_started(
+    server: sigwire.Server, peer: sigwire.Peer, answers: int, before: int
+) -> None:
+    """Echo through ``peer`` until the cache holds ``answers`` more entries than ``before``.
+
+    Each echo adds one entry of its own, which is not counted.
+    """
+    echoes = 0
+    while len(server.dispatcher.cache) - before - echoes < answers:
+        await _echoes(peer, 1)
+        echoes += 1
+
+
 async def _echoes(peer: sigwire.Peer, n: int) -> None:
     for i in range(n):
         reply = await peer.request("echo", b"%d" % i, timeout=TIMEOUT)
@@ -106,14 +119,12 @@ async def test_long_streams_nobody_reads_grow_the_server_by_less_than_its_cache_
                 sigwire.connect(server.urls[0], learn_endpoints=False) as healthy,
             ):
                 await _echoes(healthy, 20)
-                before = rss()
+                before, cached = rss(), len(server.dispatcher.cache)
                 call = raw_connect(channel)
                 counts = _counts(client_identity, 200)
                 await call.write(frame_bytes(100, *counts[:100]))
                 await call.write(frame_bytes(200, *counts[100:]))
-                # Every count has started once the cache holds an entry for each.
-                while len(server.dispatcher.cache) < 200 + 20:
-                    await _echoes(healthy, 1)
+                await _until_started(server, healthy, 200, cached)  # every count has started
                 await _echoes(healthy, 50)
                 grown = rss() - before
                 # The reader is gone: its answers stay held back, they do not run on.
@@ -159,9 +170,9 @@ async def test_a_frame_of_long_streams_does_not_stall_the_loop(
         ):
             await _echoes(healthy, 5)
             async with probing() as probe:
+                cached = len(server.dispatcher.cache)
                 await write(frame_bytes(100, *_counts(client_identity, 100)))
-                while len(server.dispatcher.cache) < 100 + 5:
-                    await _echoes(healthy, 1)
+                await _until_started(server, healthy, 100, cached)
                 await _echoes(healthy, 20)
     # Run whole inside the frame reader, the counts held the loop for ~8 s.
     assert probe.worst < 1.0, f"the loop stalled {probe.worst * 1000:.0f} ms"
