@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
@@ -21,8 +22,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeAlias
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeAlias, cast
 
 from sigwire import _proto
 from sigwire._eager import start_eagerly
@@ -31,10 +32,12 @@ from sigwire.envelope import Envelope, Message, Reply, ReplyError, Signature, no
 from sigwire.errors import (
     HandlerCancelledError,
     HandlerError,
+    InternalError,
     InvalidSignatureError,
     KindUnknownError,
     MessageTooLargeError,
     MisdirectedError,
+    OverloadedError,
     RateLimitedError,
     ReplayError,
     ShuttingDownError,
@@ -61,6 +64,8 @@ __all__ = [
     "SessionHooks",
     "TokenBuckets",
     "finished",
+    "internal_error",
+    "reply_cost",
 ]
 
 log = logging.getLogger("sigwire.server")
@@ -93,6 +98,13 @@ def hello_features(content_type: str) -> frozenset[str]:
 
 RESERVED_PREFIX = "sigwire."
 
+# A streaming handler runs at most _LEAD parts (fewer for large parts: about
+# _LEAD_BYTES of them) ahead of the fastest reader of its answer, and lets
+# the loop run once every _YIELD_EVERY parts it gives without waiting.
+_LEAD = 32
+_LEAD_BYTES = 256 * 1024
+_YIELD_EVERY = 16
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
@@ -105,8 +117,14 @@ class Limits:
         window: Unacknowledged messages in flight per stream and direction.
         max_concurrent_streams: Concurrent gRPC streams per connection.
         reply_cache_size: Answers remembered for idempotent retries.
-        reply_cache_bytes: Reply data those answers may hold in memory, in bytes.
+        reply_cache_bytes: Memory those answers may hold, in bytes: each
+            reply counts its data and what keeping it costs (objects, ids,
+            signatures), see ``reply_cost``.
         reply_cache_ttl: How long they are remembered, in seconds.
+        max_answer_bytes: What one answer (every part of a streamed one) may
+            hold, counted as in ``reply_cache_bytes`` (and never more than
+            ``reply_cache_bytes``); a streaming handler that goes beyond is
+            stopped and its answer ends with ``OVERLOADED``.
         outbox_size: Pushes waiting per agent (offline or reconnecting).
     """
 
@@ -118,6 +136,7 @@ class Limits:
     reply_cache_size: int = 50_000
     reply_cache_bytes: int = 256 * 1024 * 1024
     reply_cache_ttl: float = 660.0
+    max_answer_bytes: int = 64 * 1024 * 1024
     outbox_size: int = 1000
 
 
@@ -202,10 +221,23 @@ class Answer:
     Readers either iterate :meth:`follow` (the unary RPCs) or register a
     callback with :meth:`watch` (stream sessions), which runs synchronously on
     every change: a session queues each reply the moment the handler gives
-    it, with no task of its own in between.
+    it, with no task of its own in between. Readers report how far they got
+    (:meth:`took`): a streaming handler runs at most a few parts ahead of its
+    fastest reader (:meth:`wait_for_reader`), so a peer that does not read
+    holds the handler back instead of making the agent keep its parts.
     """
 
-    __slots__ = ("_changed", "_watchers", "content", "done", "expires", "replies", "size")
+    __slots__ = (
+        "_changed",
+        "_room",
+        "_watchers",
+        "content",
+        "done",
+        "expires",
+        "replies",
+        "size",
+        "taken",
+    )
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
@@ -216,9 +248,12 @@ class Answer:
         # here), the digest kept with it (answers restored from a store), or
         # None (stored before digests were kept). See _same_request.
         self.content: int | bytes | None = None
-        # Made only while someone follows or watches.
+        # Replies the furthest reader has taken.
+        self.taken = 0
+        # Made only while someone follows or watches, or the handler waits.
         self._changed: asyncio.Event | None = None
         self._watchers: list[Callable[[], None]] | None = None
+        self._room: asyncio.Future[None] | None = None
 
     def add(self, reply: Reply) -> None:
         self.replies.append(reply)
@@ -239,6 +274,31 @@ class Answer:
         if watchers is not None and callback in watchers:
             watchers.remove(callback)
 
+    def took(self, count: int) -> None:
+        """A reader has taken the first ``count`` replies."""
+        if count > self.taken:
+            self.taken = count
+            room, self._room = self._room, None
+            if room is not None and not room.done():
+                room.set_result(None)
+
+    async def wait_for_reader(self, lead: int, timeout: float) -> bool:
+        """Wait until a reader is fewer than ``lead`` replies behind.
+
+        Returns:
+            False if no reader took a reply for ``timeout`` seconds.
+        """
+        while len(self.replies) - self.taken >= lead:
+            room = self._room
+            if room is None:
+                room = self._room = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await room
+            except TimeoutError:
+                return False
+        return True
+
     def _wake(self) -> None:
         # A fresh Event per change: readers wait on the one they saw, so none
         # misses a change and none needs clearing.
@@ -255,6 +315,7 @@ class Answer:
             while index < len(self.replies):
                 yield self.replies[index]
                 index += 1
+                self.took(index)
             if self.done:
                 return
             changed = self._changed
@@ -377,6 +438,25 @@ def _unpack_reply(f: _Packed) -> Reply:
     return reply
 
 
+# What keeping one reply costs on top of its data, in bytes: the Reply and
+# its int and bytes objects, and the signed form a write attaches to it (a
+# batch form, the larger one: another Reply, its Signature, proof and path).
+# A streamed part of a few bytes, batch-signed, holds ~790 bytes of RSS,
+# ~560 packed; an answer adds its Answer, list, key and cache slot.
+_REPLY_COST = 800
+_ANSWER_COST = 600
+
+
+def reply_cost(reply: Reply) -> int:
+    """Bytes of memory that keeping ``reply`` in an answer costs (an estimate from above)."""
+    cost = _REPLY_COST + len(reply.data) + len(reply.content_type)
+    error = reply.error
+    if error is not None:
+        cost += 200 + len(error.reason) + len(error.message)
+        cost += sum(100 + len(k) + len(v) for k, v in error.details.items())
+    return cost
+
+
 def _expired(entry: Answer | _Packed, now: float) -> bool:
     if isinstance(entry, tuple):
         return bool(entry[0] < now)
@@ -470,7 +550,7 @@ class ReplyCache:
         if last is not None:
             entry.replies.append(last)
         entry.expires = time.monotonic() + self.ttl
-        entry.size = sum(len(reply.data) for reply in entry.replies)
+        entry.size = _ANSWER_COST + sum(reply_cost(reply) for reply in entry.replies)
         self.bytes += entry.size
         if persist and key is not None and self.store is not None:
             data = [_proto.reply_to_pb(reply).SerializeToString() for reply in entry.replies]
@@ -527,9 +607,6 @@ class ReplyCache:
 
 class SessionHooks(Protocol):
     """What a stream session lets the dispatcher do (bind it to a DID)."""
-
-    #: Ids the stream re-sent and had answered from the cache (None: none yet).
-    resent: set[str] | None
 
     def bind(self, did: str, *, batch_signatures: bool = False, acked: bool = False) -> None:
         """Record that the stream's peer is ``did`` (verified by its hello).
@@ -668,14 +745,14 @@ class Dispatcher:
             # so nothing is replayed, and work already done does not fail.
             if exc.floor_ms is None or envelope.kind == HELLO_KIND:
                 raise
-            entry = self.cache.get(key)
+            entry = self._cached(key, envelope, fresh=False)
             if entry is None or not _same_request(entry, envelope):
                 raise
             fresh = False
         else:
             if envelope.kind == HELLO_KIND:
                 return self._hello(envelope, session, fresh)
-            entry = self.cache.get(key)
+            entry = self._cached(key, envelope, fresh=fresh)
         if entry is not None and not _same_request(entry, envelope):
             # Same id, other request: its cached answer must not pass for this one's.
             if entry.content is None:
@@ -715,19 +792,31 @@ class Dispatcher:
             if not entry.done:
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
-        elif self.buckets is not None and (fresh or not _first_resend(session, envelope.id)):
-            # A re-send answered from the cache runs no handler, yet it costs
-            # the agent every cached reply again (and a re-signed retry, a
-            # signature on each): it is rated, but for the one re-send per id
-            # a client makes on a new stream after a reconnect, which must
-            # not fail for work already done.
+        elif self.buckets is not None and fresh:
+            # A re-signed retry answered from the cache runs no handler, yet
+            # costs a signature on each cached reply: only its sender can make
+            # one, and it is rated. An exact duplicate is not: anyone who saw
+            # the envelope can replay it, and charging it to the sender would
+            # let them drain the sender's bucket. It costs no new signature,
+            # and its replies wait for room like any others.
             try:
                 self.buckets.take(envelope.sender)
             except SigwireError:
-                if fresh:
-                    self.guard.release(envelope)  # the identical retry may come later
+                self.guard.release(envelope)  # the identical retry may come later
                 raise
         return entry
+
+    def _cached(self, key: tuple[str, str], envelope: Envelope, *, fresh: bool) -> Answer | None:
+        # The cache's answer to ``key``; a failure of its store is the
+        # agent's, and the envelope may come again once it is mended.
+        try:
+            return self.cache.get(key)
+        except Exception:
+            if fresh:
+                self.guard.release(envelope)
+            raise internal_error(
+                "the reply cache failed on envelope %r from %r", envelope.id, envelope.sender
+            ) from None
 
     def _hello(self, envelope: Envelope, session: SessionHooks | None, fresh: bool) -> Reply:
         if session is None:
@@ -834,9 +923,32 @@ class Dispatcher:
         try:
             try:
                 if streams:
-                    async for item in handler(message):  # type: ignore[union-attr]
-                        entry.add(self.reply(envelope, item, sequence=sequence, final=False))
-                        sequence += 1
+                    limit = min(self.limits.max_answer_bytes, self.cache.max_bytes)
+                    kept = _ANSWER_COST
+                    parts = cast("AsyncGenerator[HandlerResult, None]", handler(message))
+                    async with contextlib.aclosing(parts):
+                        async for item in parts:
+                            reply = self.reply(envelope, item, sequence=sequence, final=False)
+                            cost = reply_cost(reply)
+                            kept += cost
+                            if kept > limit:
+                                raise OverloadedError(
+                                    f"the answer outgrew the {limit} bytes one answer may keep",
+                                    details={"limit": str(limit)},
+                                )
+                            entry.add(reply)
+                            sequence += 1
+                            # Backpressure, and a turn of the loop now and then:
+                            # a generator that never awaits must not hold the
+                            # loop, nor a peer that stops reading grow its answer.
+                            lead = max(1, min(_LEAD, _LEAD_BYTES // cost))
+                            if len(entry.replies) - entry.taken >= lead:
+                                if not await entry.wait_for_reader(lead, self.cache.ttl):
+                                    raise OverloadedError(
+                                        f"nobody read the answer for {self.cache.ttl:g}s"
+                                    )
+                            elif not sequence % _YIELD_EVERY:
+                                await asyncio.sleep(0)
                     last = self.reply(envelope, b"", sequence=sequence)
                 else:
                     result = await handler(message)  # type: ignore[misc]
@@ -903,20 +1015,6 @@ class Dispatcher:
 def finished(answer: Answer) -> bool:
     """Whether a done answer ended with its final reply (else it was cancelled)."""
     return bool(answer.replies) and answer.replies[-1].final
-
-
-def _first_resend(session: SessionHooks | None, request_id: str) -> bool:
-    # True the first time ``session`` re-sends ``request_id`` (an exact
-    # duplicate of a request it, or an earlier stream, sent).
-    if session is None:
-        return False  # a unary Send: each call is its own RPC
-    resent = session.resent
-    if resent is None:
-        resent = session.resent = set()
-    elif request_id in resent:
-        return False
-    resent.add(request_id)
-    return True
 
 
 def _content(envelope: Envelope) -> int:
@@ -996,3 +1094,15 @@ def _crashed(envelope: Envelope) -> HandlerError:
         error_id,
     )
     return HandlerError(error_id)
+
+
+def internal_error(what: str, *args: object) -> InternalError:
+    """The error a peer gets for the exception being handled, which is logged.
+
+    Call it from an ``except`` block: the traceback goes to the
+    ``sigwire.server`` log at ERROR, as ``what % args`` and an error id;
+    the peer gets the id only (``INTERNAL``).
+    """
+    error_id = uuid.uuid4().hex[:12]
+    log.exception(what + " [error_id=%s]", *args, error_id)
+    return InternalError(error_id)

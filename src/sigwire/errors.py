@@ -24,6 +24,7 @@ Every error sigwire raises derives from :class:`SigwireError`::
         * OverloadedError               a bounded resource is full (OVERLOADED)
         * PushExpiredError              a push nobody answered in time (PUSH_EXPIRED)
         * HandlerError                  the handler crashed; .error_id (HANDLER_FAILED)
+        * InternalError                 the agent itself failed; .error_id (INTERNAL)
         * ApplicationError              a handler's own refusal, any .reason
         * TransportError                expected in normal operation
             * ConnectError              peer down or refused (UNAVAILABLE)
@@ -55,6 +56,7 @@ __all__ = [
     "HandlerCancelledError",
     "HandlerError",
     "InsecureKeyFileError",
+    "InternalError",
     "InvalidDidError",
     "InvalidSignatureError",
     "InvalidTargetError",
@@ -352,6 +354,22 @@ class HandlerError(SigwireError):
     def __init__(self, error_id: str) -> None:
         super().__init__(
             f"the handler failed; the server logged it as error {error_id}",
+            details={"error_id": error_id},
+        )
+        self.error_id = error_id
+
+    def _restore_from_details(self) -> None:
+        self.error_id = self.details.get("error_id", "")
+
+
+class InternalError(SigwireError):
+    """The agent itself failed (its store, say; not a handler); logged under ``error_id``."""
+
+    default_reason = "INTERNAL"
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(
+            f"the agent failed unexpectedly; the server logged it as error {error_id}",
             details={"error_id": error_id},
         )
         self.error_id = error_id

@@ -35,6 +35,16 @@ __all__ = ["Server"]
 log = logging.getLogger("sigwire.server")
 
 
+class _Turn:
+    """The lock that orders deliveries to one DID, and how many hold or wait for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class Server:
     """A sigwire agent server.
 
@@ -146,7 +156,8 @@ class Server:
         self._all_sessions: set[Session] = set()
         self._card: AgentCard | None = None
         self._outboxes: dict[str, dict[str, PendingCall]] = {}
-        self._delivering: dict[str, asyncio.Lock] = {}
+        # One delivery at a time per DID; an entry lives while one holds or waits for it.
+        self._delivering: dict[str, _Turn] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._started = False
@@ -379,21 +390,29 @@ class Server:
 
     async def _deliver(self, did: str) -> None:
         """Send every push of ``did``'s outbox not yet sent on its current stream, in order."""
-        lock = self._delivering.setdefault(did, asyncio.Lock())
-        async with lock:
-            outbox = self._outboxes.get(did)
-            sessions = [s for s in self._sessions.get(did, ()) if s.is_open]
-            if not outbox or not sessions:
-                return
-            session = sessions[-1]
-            for call in list(outbox.values()):
-                if call.sent_on is session or call.envelope.id not in outbox:
-                    continue
-                call.sent_on = session
-                try:
-                    await session.send_envelope(call.envelope)
-                except ConnectionClosedError:
-                    return  # delivered again when the agent reconnects
+        turn = self._delivering.get(did)
+        if turn is None:
+            turn = self._delivering[did] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                outbox = self._outboxes.get(did)
+                sessions = [s for s in self._sessions.get(did, ()) if s.is_open]
+                if not outbox or not sessions:
+                    return
+                session = sessions[-1]
+                for call in list(outbox.values()):
+                    if call.sent_on is session or call.envelope.id not in outbox:
+                        continue
+                    call.sent_on = session
+                    try:
+                        await session.send_envelope(call.envelope)
+                    except ConnectionClosedError:
+                        return  # delivered again when the agent reconnects
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._delivering[did]
 
     def _restore_outbox(self) -> None:
         """Re-queue the pushes a previous run accepted but never saw answered."""

@@ -32,7 +32,7 @@ from typing import Final, TypeVar
 from sigwire import _proto
 from sigwire._eager import start_eagerly
 from sigwire._proto import pb
-from sigwire.dispatch import Answer, Dispatcher, finished
+from sigwire.dispatch import Answer, Dispatcher, finished, internal_error
 from sigwire.envelope import Envelope, Reply, Signature
 from sigwire.errors import (
     ConnectionClosedError,
@@ -70,6 +70,11 @@ _BATCH_VERIFY: Final = 2
 # one) goes to a worker thread (Ed25519 releases the GIL), so that it cannot
 # hold the loop for milliseconds.
 _INLINE_CHECKS: Final = 2
+# One pass of the pump starts envelopes for _START_BUDGET seconds at most
+# (at least one) before it lets the loop run.
+_START_BUDGET: Final = 0.005
+# The writer lets the loop run after this many frames written without a pause.
+_WRITE_FRAMES: Final = 4
 
 
 def max_frame_size(max_message_size: int) -> int:
@@ -341,7 +346,6 @@ class Session:
         "options",
         "peer_did",
         "piggyback_acks",
-        "resent",
         "stream",
     )
 
@@ -380,9 +384,6 @@ class Session:
         self._on_signed = on_signed
         self.batch_signatures = batch_signatures
         self.piggyback_acks = piggyback_acks
-        # Ids this stream re-sent and had answered from the reply cache (made
-        # on the first one): the dispatcher rates only a second re-send.
-        self.resent: set[str] | None = None
         self._identity = dispatcher.identity
         # Handlers (and writes started at once) run in copies of the context
         # the session was made in, never of another handler's.
@@ -664,28 +665,33 @@ class Session:
 
     def _pump(self) -> None:
         # Start what the window allows. Starting is synchronous (every check
-        # before the handler runs here), and an envelope may be answered at
-        # once (a refusal, a cached answer) and free its slot: the loop, not
-        # a nested call, then starts the next one.
+        # before the handler runs here, and the handler's first step), and an
+        # envelope may be answered at once (a refusal, a cached answer) and
+        # free its slot: the loop, not a nested call, then starts the next one.
+        # One pass starts envelopes for _START_BUDGET seconds at most; the
+        # rest start on a later turn of the loop, so that handlers that do
+        # much before their first wait cannot hold it for a whole frame.
         if self._pumping:
             return
         self._pumping = True
+        backlog = self._backlog
+        started = 0
+        deadline = time.perf_counter() + _START_BUDGET
         try:
-            backlog = self._backlog
-            while backlog and not self._closing:
-                room = self.options.window - self._serving
-                if room <= 0:
+            window = self.options.window
+            while started < len(backlog) and self._serving < window and not self._closing:
+                if started and time.perf_counter() > deadline:
+                    asyncio.get_running_loop().call_soon(self._pump)
                     break
-                starting = backlog[:room]
-                del backlog[: len(starting)]
-                for _, entry, _ in starting:
-                    entry[1] -= 1
-                self._serving += len(starting)
+                envelope, entry, verdict = backlog[started]
+                started += 1
+                entry[1] -= 1
+                self._serving += 1
                 # Started from here on: a reply written at once carries the ack.
                 self._advance_received()
-                for envelope, _, verdict in starting:
-                    self._start(envelope, verdict)
+                self._start(envelope, verdict)
         finally:
+            del backlog[:started]
             self._pumping = False
         self._advance_ack()
 
@@ -740,8 +746,10 @@ class Session:
             self._answer(envelope, _answered(dispatcher.error_reply(envelope, exc)))
             return
         except Exception:
-            log.exception("%s: failed to answer envelope %r", self.name, envelope.id)
-            self._served()
+            # A bug of the agent's: the peer still hears that this envelope
+            # failed (with an error id; the traceback stays in the log).
+            error = internal_error("%s: failed to start envelope %r", self.name, envelope.id)
+            self._answer(envelope, _answered(dispatcher.error_reply(envelope, error)))
             return
         if isinstance(started, Reply):
             self._answer(envelope, _answered(started))  # a hello's
@@ -785,6 +793,7 @@ class Session:
                 reply = self.dispatcher.restate(replies[answering.index], answering.digest)
                 answering.index += 1
                 self._send(reply)
+            entry.took(answering.index)
             if not entry.done:
                 return
             entry.unwatch(answering)
@@ -856,9 +865,13 @@ class Session:
 
     async def _writer(self) -> None:
         queue = self._queue
+        # Flushes since the writer last let the loop run, as far as it knows.
+        flushes = 0
         try:
             while True:
-                await queue.wait()
+                if queue.empty():
+                    await queue.wait()
+                    flushes = 0
                 if self._writing:
                     # A message being written at once; what was queued behind
                     # it goes next, in order.
@@ -873,6 +886,7 @@ class Session:
                     # paying a whole signature and verification. Nothing is
                     # written at once meanwhile: the queue is not empty.
                     await asyncio.sleep(0)
+                    flushes = 0
                 batch = [queue.get_nowait()]
                 size = 0
                 while not queue.empty() and len(batch) < _BATCH_MESSAGES and size < _BATCH_BYTES:
@@ -889,6 +903,14 @@ class Session:
                     self._writing = False
                 if stop:
                     return
+                flushes += 1
+                if flushes >= _WRITE_FRAMES:
+                    # A transport that takes every frame without waiting never
+                    # suspends the writer, and each frame written frees room
+                    # for more replies: up to four windows of them, each
+                    # signed on its own for a peer that does not batch.
+                    await asyncio.sleep(0)
+                    flushes = 0
         except Exception as exc:
             await self._write_failed(exc)
 

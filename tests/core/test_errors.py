@@ -38,8 +38,9 @@ ERROR_CLASSES = [
     if inspect.isclass(obj := getattr(errors, name)) and issubclass(obj, BaseException)
 ]
 # Every class whose reason names it on the wire; SigningError shares SIGNATURE_INVALID with
-# its more specific subclass InvalidSignatureError, which is what a peer's error becomes.
-WIRE_CLASSES = [cls for cls in ERROR_CLASSES if cls is not SigningError]
+# its more specific subclass InvalidSignatureError, which is what a peer's error becomes,
+# as SigwireError shares INTERNAL with InternalError.
+WIRE_CLASSES = [cls for cls in ERROR_CLASSES if cls not in (SigningError, SigwireError)]
 
 
 def test_error_classes_are_all_exported() -> None:

@@ -16,22 +16,40 @@ from sigwire.signing import Identity, Verifier
 from sigwire.store import SqliteStore
 
 
-def _answer(cache: ReplyCache, key: tuple[str, str], size: int) -> None:
+def _answer(cache: ReplyCache, key: tuple[str, str], size: int, parts: int = 1) -> Answer:
     entry = cache.begin(key)
-    entry.add(Reply(request_id=key[1], request_digest=b"", responder="r", data=b"x" * size))
+    for _ in range(parts):
+        entry.add(Reply(request_id=key[1], request_digest=b"", responder="r", data=b"x" * size))
     cache.finish(entry, key)
+    return entry
 
 
 def test_answers_beyond_the_byte_budget_evict_the_oldest() -> None:
     """Finishing an answer past max_bytes drops the oldest finished answers first."""
 
     async def run() -> None:
-        cache = ReplyCache(size=1000, ttl=60, max_bytes=1000)
+        one = ReplyCache(size=1000, ttl=60)
+        cost = _answer(one, ("s", "x"), 300).size
+        cache = ReplyCache(size=1000, ttl=60, max_bytes=3 * cost + cost // 2)
         for i in range(5):
             _answer(cache, ("s", str(i)), 300)
-        assert cache.bytes <= 1000
+        assert cache.bytes <= cache.max_bytes
         assert cache.get(("s", "0")) is None
+        assert cache.get(("s", "1")) is None
+        assert cache.get(("s", "2")) is not None
         assert cache.get(("s", "4")) is not None
+
+    asyncio.run(run())
+
+
+def test_an_answer_counts_what_keeping_each_reply_costs_not_only_its_data() -> None:
+    """10,000 one-byte parts count as what their objects and signed forms hold (~800 B each)."""
+
+    async def run() -> None:
+        cache = ReplyCache(size=1000, ttl=60)
+        entry = _answer(cache, ("s", "many"), 1, parts=10_000)
+        assert entry.size == cache.bytes
+        assert cache.bytes >= 10_000 * 790
 
     asyncio.run(run())
 
@@ -161,20 +179,21 @@ def test_packed_answers_expire_and_evict_like_the_others() -> None:
 
     async def run() -> None:
         cache = ReplyCache(size=_PACK_AFTER + 10, ttl=60, max_bytes=10**9)
+        cost = 0
         for i in range(_PACK_AFTER + 10):
-            _answer(cache, ("s", str(i)), 10)
-        assert cache.bytes == (_PACK_AFTER + 10) * 10
+            cost = _answer(cache, ("s", str(i)), 10).size
+        assert cache.bytes == (_PACK_AFTER + 10) * cost
         assert isinstance(cache._entries[("s", "0")], tuple)  # packed
         _answer(cache, ("s", "new"), 10)  # one over the count: the oldest (packed) goes
         assert cache.get(("s", "0")) is None
         assert cache.get(("s", "1")) is not None
-        assert cache.bytes == (_PACK_AFTER + 10) * 10
+        assert cache.bytes == (_PACK_AFTER + 10) * cost
         cache.ttl = -1.0
         _answer(cache, ("s", "newer"), 10)
         cache.size = 1
         _answer(cache, ("s", "last"), 10)
         assert len(cache) == 1
-        assert cache.bytes == 10
+        assert cache.bytes == cost
 
     asyncio.run(run())
 

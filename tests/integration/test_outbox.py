@@ -161,3 +161,28 @@ async def test_stored_answer_survives_a_restart(
     assert runs == 1
     assert [r.data for r in after] == [r.data for r in before] == [b"ran 1"]
     assert after[0].signature == before[0].signature
+
+
+async def test_deliveries_to_many_agents_leave_no_lock_behind(make_server: MakeServer) -> None:
+    """Pushes to 200 absent DIDs and to 10 connected agents leave no per-DID delivery state."""
+    server = await make_server()
+    absent = [sigwire.Identity.generate().did for _ in range(200)]
+    agents = [sigwire.Identity.generate() for _ in range(10)]
+    async with asyncio.timeout(TIMEOUT):
+        expired = await asyncio.gather(
+            *(server.push(did, "ask", b"anyone?", timeout=0.05) for did in absent),
+            return_exceptions=True,
+        )
+        assert all(isinstance(e, sigwire.PushExpiredError) for e in expired)
+        for agent in agents:
+            connection = sigwire.connect(server.urls[0], identity=agent, learn_endpoints=False)
+
+            @connection.on("ask")
+            async def ask(msg: sigwire.Message) -> bytes:
+                return b"ok " + msg.payload
+
+            async with connection:
+                reply = await server.push(agent.did, "ask", b"you", timeout=TIMEOUT)
+                assert reply.data == b"ok you"
+    assert server._delivering == {}
+    assert server._outboxes == {}

@@ -5,9 +5,9 @@ A client says in its hello metadata what it understands (``sigwire.batch-signatu
 (``features=acked,batch-signatures``). Each side batch-signs and piggybacks acks
 only for a peer that said it understands them. A cached reply keeps its signed
 forms, so an exact re-send costs no signature, and only a batch peer ever gets
-the batch form; a re-send answered from the cache takes a rate-limit token,
-but for the first re-send of each id on a stream (a client's own re-send after
-a reconnect). Everything runs on real loopback servers with real keys; nothing waits
+the batch form; an exact duplicate answered from the cache takes no rate-limit
+token (anyone who saw the envelope can replay it), a re-signed retry does.
+Everything runs on real loopback servers with real keys; nothing waits
 on time (the ack timer is pushed out of reach where it would race a flush).
 """
 
@@ -314,7 +314,7 @@ async def test_duplicates_of_a_streamed_request_cost_no_signature(
         verifier.verify_reply(reply, envelope, expected_responder=server.identity.did)
 
 
-# --- (c) re-sends answered from the cache are rated ------------------------------------
+# --- (c) re-signed retries are rated, replayed duplicates are not ----------------------
 
 # One token per 1000 s: nothing refills within a test, so the counts are exact.
 RATED = sigwire.Limits(rate=0.001, burst=3)
@@ -342,43 +342,49 @@ async def _send_each(server: sigwire.Server, envelopes: list[sigwire.Envelope]) 
     return results
 
 
-async def test_unary_duplicates_beyond_the_burst_are_rate_limited(
+async def test_replayed_duplicates_over_send_do_not_drain_the_senders_bucket(
     make_server: MakeServer, probe: Probe, client_identity: sigwire.Identity
 ) -> None:
-    """Burst 3 over ``Send``: the request and 2 duplicates answered, then RATE_LIMITED."""
+    """Burst 3 over ``Send``: 5 replays of a request are answered, and its sender keeps 2 tokens."""
     server = await make_server(limits=RATED)
-    envelope = client_identity.sign_envelope(
-        sigwire.Envelope.new("echo", b"once", sender=client_identity.did)
-    )
-    results = await _send_each(server, [envelope] * 5)
-    assert results == ["once"] * 3 + ["RATE_LIMITED"] * 2
+
+    def echo(payload: bytes) -> sigwire.Envelope:
+        return client_identity.sign_envelope(
+            sigwire.Envelope.new("echo", payload, sender=client_identity.did)
+        )
+
+    envelope = echo(b"once")
+    replayed = await _send_each(server, [envelope] * 6)
+    assert replayed == ["once"] * 6
     assert probe.calls["echo"] == 1
+    own = await _send_each(server, [echo(b"two"), echo(b"three"), echo(b"four")])
+    assert own == ["two", "three", "RATE_LIMITED"]  # the bucket still holds its sender
 
 
 @pytest.mark.parametrize("transport", RAW_TRANSPORTS)
-async def test_stream_duplicates_beyond_the_burst_are_rate_limited(
+async def test_replayed_duplicates_on_a_stream_do_not_drain_the_senders_bucket(
     make_server: MakeServer, probe: Probe, client_identity: sigwire.Identity, transport: str
 ) -> None:
-    """Burst 3 on a stream: the hello, the request, 2 duplicates answered; then RATE_LIMITED.
-
-    The first re-send of an id on a stream is free (what a client does after
-    a reconnect); the next ones take a token each.
-    """
+    """Burst 3 on a stream: the hello, the request and 5 of its duplicates leave a token."""
     server = await make_server(limits=RATED)
-    envelope = client_identity.sign_envelope(
-        sigwire.Envelope.new("counted", b"", sender=client_identity.did)
-    )
+
+    def counted() -> sigwire.Envelope:
+        return client_identity.sign_envelope(
+            sigwire.Envelope.new("counted", b"", sender=client_identity.did)
+        )
+
+    envelope = counted()
     results: list[str] = []
     async with asyncio.timeout(TIMEOUT), open_raw(server, transport) as stream:
         await stream.hello(client_identity, server.identity.did)
-        for _ in range(5):
-            await stream.send_envelopes(envelope)
-            reply = (await stream.final_replies({envelope.id}))[envelope.id]
-            sigwire.Verifier().verify_reply(reply, envelope, expected_responder=server.identity.did)
+        for request in [envelope] * 6 + [counted(), counted()]:
+            await stream.send_envelopes(request)
+            reply = (await stream.final_replies({request.id}))[request.id]
+            sigwire.Verifier().verify_reply(reply, request, expected_responder=server.identity.did)
             results.append(reply.error.reason if reply.error else reply.data.decode())
-        await _barrier(stream, 1)  # still served after the refusals
-    assert results == ["run 1"] * 3 + ["RATE_LIMITED"] * 2
-    assert probe.calls["counted"] == 1
+        await _barrier(stream, 1)  # still served after the refusal
+    assert results == ["run 1"] * 6 + ["run 2", "RATE_LIMITED"]
+    assert probe.calls["counted"] == 2
 
 
 async def test_a_refused_resigned_retry_releases_its_nonce(

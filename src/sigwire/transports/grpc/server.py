@@ -23,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from sigwire import _proto
+from sigwire.dispatch import internal_error
 from sigwire.envelope import Envelope, Reply
 from sigwire.errors import (
     ConnectionClosedError,
@@ -111,6 +112,10 @@ class _Servicer:
         except SigwireError as exc:
             await context.abort(*abort_args(exc))
             raise  # unreachable: abort raises
+        except Exception:
+            error = internal_error("Send from %s failed", context.peer())
+            await context.abort(*abort_args(error))
+            raise  # unreachable: abort raises
 
     async def SendStream(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
@@ -124,13 +129,21 @@ class _Servicer:
                 yield _proto.reply_to_pb(reply).SerializeToString()
         except SigwireError as exc:
             await context.abort(*abort_args(exc))
+        except Exception:
+            error = internal_error("SendStream from %s failed", context.peer())
+            await context.abort(*abort_args(error))
 
     async def Connect(
         self, request_iterator: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> None:
         stream = _ServerStream(context, max_frame_size(self.limit))
-        session = self.core.new_session(stream, f"grpc {context.peer()}")
-        await session.run()
+        try:
+            session = self.core.new_session(stream, f"grpc {context.peer()}")
+            await session.run()
+        except Exception:
+            failed = internal_error("Connect from %s failed", context.peer())
+            await context.abort(*abort_args(failed))
+            raise  # unreachable: abort raises
         error = session.error
         if error is not None and not isinstance(error, ConnectionClosedError):
             # The peer broke the protocol (undecodable frame, ignored window):
@@ -140,7 +153,12 @@ class _Servicer:
     async def Describe(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
-        return _proto.card_to_pb(self.core.card()).SerializeToString()
+        try:
+            return _proto.card_to_pb(self.core.card()).SerializeToString()
+        except Exception:
+            error = internal_error("Describe from %s failed", context.peer())
+            await context.abort(*abort_args(error))
+            raise  # unreachable: abort raises
 
 
 def _read(path: str) -> bytes:
