@@ -232,7 +232,12 @@ class Server:
             await listener.stop(grace=0.5)
         self._outboxes.clear()
         if self.store is not None:
-            self.store.prune()
+            try:
+                self.store.prune()
+            except Exception:
+                # A broken store must not keep the agent from stopping (nor
+                # from releasing the store's lock below).
+                log.exception("pruning the store at stop failed")
             if self._store_path is not None:
                 self.store.close()  # and its lock: the next server may open it
         self._stopped.set()
