@@ -53,7 +53,8 @@ log = logging.getLogger("sigwire.session")
 # enough that two peers keep several frames in flight rather than trading one
 # big batch in lock-step); a receiver accepts up to _MAX_FRAME_MESSAGES.
 _BATCH_MESSAGES: Final = 32
-_MAX_FRAME_MESSAGES: Final = 128
+_MAX_FRAME_MESSAGES: Final = _proto.MAX_FRAME_MESSAGES
+_UNWALKED_SIZE: Final = _proto.UNWALKED_SIZE
 # An ack waits for data to ride behind, at most this long (or a quarter window).
 _ACK_DELAY: Final = 0.02
 _BATCH_BYTES: Final = 256 * 1024
@@ -558,6 +559,11 @@ class Session:
                 if data is None:
                     break
                 self._last_heard = time.monotonic()
+                # Counted from the wire first: parsing builds every message
+                # at once, so only a frame within its limits is parsed (a
+                # small one is parsed at once, its counts checked after).
+                if len(data) > _UNWALKED_SIZE:
+                    _proto.check_frame(data, _MAX_FRAME_MESSAGES)
                 frame = pb.Frame()
                 try:
                     frame.ParseFromString(data)
@@ -571,6 +577,9 @@ class Session:
                 # collector walked hundreds of them, 4x as often as over gRPC.
                 await asyncio.sleep(0)
         except SigwireError as exc:
+            # Kept as the session's error, so it keeps nothing else: its
+            # traceback would hold this frame's locals (the refused frame).
+            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
             self._begin_close(exc)
         except Exception as exc:
             log.debug("%s: stream failed: %r", self.name, exc)

@@ -51,6 +51,10 @@ def grpc_options(max_message_size: int, keepalive: float) -> list[tuple[str, int
         ("grpc.keepalive_timeout_ms", int(max(1.0, keepalive / 2) * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Identity only: grpc applies the receive limit after inflating, so a
+        # few KB of gzip would cost a whole frame's worth of memory and CPU.
+        # A compressed message is refused (UNIMPLEMENTED) before it is inflated.
+        ("grpc.compression_enabled_algorithms_bitset", 1),
     ]
 
 

@@ -1,0 +1,264 @@
+"""Frames built to cost the agent far more than the peer: refused from their size and counts.
+
+The agent runs in a process of its own (tests/hostile/probed_agent.py), so that
+its RSS, read from /proc/PID/status, counts only what the attack cost it, and a
+probe task in its loop reports the longest stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+import sigwire
+from sigwire.session import Session
+from sigwire.transports.base import FrameStream
+from tests.conftest import TIMEOUT
+from tests.hostile.conftest import (
+    JSON,
+    PROTO,
+    SERVICE,
+    OpenChannel,
+    raw_connect,
+    write_then_read_until_error,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+ENVELOPES = 4_300_000
+"""Empty envelopes in one bomb frame: two bytes each, ~8.6 MB, within the default frame size."""
+
+ROUNDS = 3
+
+RSS_GROWTH_MB = 100
+"""Bound on the agent's RSS growth over the rounds (the target is 50 MB; parsing one
+bomb frame whole costs ~1 GB)."""
+
+STALL_MS = 250
+"""Bound on the agent's longest loop stall (the target is 100 ms; parsing one bomb
+frame whole holds the loop 1.3 s or more)."""
+
+
+class Agent:
+    """The agent process, and what the test reads from it."""
+
+    def __init__(self, process: asyncio.subprocess.Process, ready: list[str]) -> None:
+        self.process = process
+        self.grpc_url, self.ws_url, self.did = ready
+
+    def rss_mb(self) -> float:
+        """The process's resident set, in MB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS line")
+
+    async def stall_ms(self) -> float:
+        """The longest stall of its loop since the previous call."""
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(b"gap\n")
+        async with asyncio.timeout(TIMEOUT):
+            line = await self.process.stdout.readline()
+        word, value = line.decode().split()
+        assert word == "gap"
+        return float(value)
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[Agent]:
+    """A probed agent process serving gRPC and WebSocket on 127.0.0.1:0."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.hostile.probed_agent",
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            line = (await process.stdout.readline()).decode().split()
+        assert line[:1] == ["ready"], line
+        yield Agent(process, line[1:])
+    finally:
+        process.stdin.close()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, value: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _frame(*envelopes: bytes) -> bytes:
+    # Frame{sequence: 1, envelopes: EnvelopeBatch{envelopes}}
+    batch = b"".join(_field(1, envelope) for envelope in envelopes)
+    return b"\x08\x01" + _field(2, batch)
+
+
+def envelope_bomb() -> bytes:
+    """A Frame whose EnvelopeBatch holds 4.3 million empty envelopes."""
+    return _frame(*[b""] * ENVELOPES)
+
+
+def metadata_bomb() -> bytes:
+    """A Frame of one envelope with a million metadata entries, each with its own key."""
+    keys = base64.b64encode(b"".join(i.to_bytes(3, "big") for i in range(1_000_000)))
+    return _frame(b"".join(b"\x52\x06\x0a\x04" + keys[i : i + 4] for i in range(0, len(keys), 4)))
+
+
+def proof_bomb() -> bytes:
+    """A Frame of one envelope whose batch proof has 4 million (empty) hashes."""
+    return _frame(_field(15, _field(4, b"\x1a\x00" * 4_000_000)))
+
+
+async def assert_echoes(agent: Agent, url: str) -> None:
+    """A well-behaved client still gets a verified answer from the agent."""
+    async with (
+        asyncio.timeout(TIMEOUT),
+        sigwire.connect(url, expect_did=agent.did, learn_endpoints=False) as peer,
+    ):
+        reply = await peer.request("echo", b"still serving", timeout=TIMEOUT)
+        assert reply.data == b"still serving"
+
+
+async def _grpc_bomb(agent: Agent, frame: bytes, compression: grpc.Compression | None) -> str:
+    # What the call ended with: the agent refuses, whatever the client sees first.
+    authority = agent.grpc_url.removeprefix("grpc://")
+    async with grpc.aio.insecure_channel(
+        authority, options=[("grpc.max_send_message_length", -1)]
+    ) as channel:
+        call = channel.stream_stream(SERVICE + "Connect")(compression=compression)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call.write(frame)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        code = await call.code()
+        return f"{code.name} {await call.details()}"
+
+
+async def _ws_bomb(agent: Agent, message: bytes | str) -> str:
+    subprotocol = PROTO if isinstance(message, bytes) else JSON
+    async with ws_connect(agent.ws_url, subprotocols=[subprotocol], max_size=None) as ws:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(message)
+            while True:
+                await ws.recv()
+    return f"{ws.close_code} {ws.close_reason}"
+
+
+SENDERS = {
+    "grpc": lambda agent, frame: _grpc_bomb(agent, frame, None),
+    "grpc-gzip": lambda agent, frame: _grpc_bomb(agent, frame, grpc.Compression.Gzip),
+    "ws": _ws_bomb,
+}
+# Refused from its headers, before anything is inflated; the client's own write
+# may fail first on the call the agent ended (INTERNAL, from grpc core).
+GZIP_REFUSED = ("UNIMPLEMENTED Compression algorithm 'gzip' is disabled", "INTERNAL")
+BOMBS = {
+    ("envelopes", "grpc"): "RESOURCE_EXHAUSTED a frame of more than 128 messages",
+    ("envelopes", "grpc-gzip"): GZIP_REFUSED,
+    ("envelopes", "ws"): "1013 OVERLOADED: a frame of more than 128 messages",
+    ("metadata", "grpc"): "INVALID_ARGUMENT metadata has more than 256 entries",
+    ("metadata", "ws"): "1007 MALFORMED: metadata has more than 256 entries",
+    ("proof", "grpc"): "INVALID_ARGUMENT a batch proof has at most 16 hashes",
+    ("proof", "grpc-gzip"): GZIP_REFUSED,
+    ("proof", "ws"): "1007 MALFORMED: a batch proof has at most 16 hashes",
+}
+BUILDERS = {"envelopes": envelope_bomb, "metadata": metadata_bomb, "proof": proof_bomb}
+
+
+@pytest.mark.parametrize(("bomb", "transport"), BOMBS, ids=["-".join(key) for key in BOMBS])
+async def test_frame_bomb_is_refused_without_growing_rss_or_stalling(
+    agent: Agent, bomb: str, transport: str
+) -> None:
+    """Frames of millions of tiny entries, gzip or not, are refused before they are parsed."""
+    frame = BUILDERS[bomb]()
+    await assert_echoes(agent, agent.grpc_url)  # every lazy start-up cost paid before
+    await agent.stall_ms()
+    before = agent.rss_mb()
+    outcomes = [await SENDERS[transport](agent, frame) for _ in range(ROUNDS)]
+    stall = await agent.stall_ms()
+    growth = agent.rss_mb() - before
+    assert growth < RSS_GROWTH_MB, f"RSS grew {growth:.0f} MB"
+    assert stall < STALL_MS, f"the loop stalled {stall:.0f} ms"
+    for outcome in outcomes:
+        assert outcome.startswith(BOMBS[bomb, transport]), outcome
+    await assert_echoes(agent, agent.grpc_url)
+    await assert_echoes(agent, agent.ws_url)
+
+
+async def test_envelope_bomb_on_send_is_refused_without_growing_rss_or_stalling(
+    agent: Agent,
+) -> None:
+    """A unary Send of one envelope with millions of proof hashes is refused before parsing."""
+    envelope = _field(15, _field(4, b"\x1a\x00" * 2_000_000))  # 4 MB, within the size limit
+    await assert_echoes(agent, agent.grpc_url)
+    await agent.stall_ms()
+    before = agent.rss_mb()
+    async with grpc.aio.insecure_channel(agent.grpc_url.removeprefix("grpc://")) as channel:
+        send = channel.unary_unary(SERVICE + "Send")
+        outcomes = []
+        for _ in range(ROUNDS):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await send(envelope, timeout=TIMEOUT)
+            outcomes.append(f"{caught.value.code().name} {caught.value.details()}")
+    stall = await agent.stall_ms()
+    growth = agent.rss_mb() - before
+    assert growth < RSS_GROWTH_MB, f"RSS grew {growth:.0f} MB"
+    assert stall < STALL_MS, f"the loop stalled {stall:.0f} ms"
+    for outcome in outcomes:
+        assert outcome.startswith("INVALID_ARGUMENT a batch proof has at most 16 hashes"), outcome
+
+
+async def test_a_refused_frame_is_not_kept_by_the_session_error(
+    server: sigwire.Server, open_channel: OpenChannel
+) -> None:
+    """The error a refused frame ends its session with holds no traceback, so not the frame."""
+    sessions: list[Session] = []
+    new_session = server.new_session
+
+    def recording(stream: FrameStream, name: str) -> Session:
+        session = new_session(stream, name)
+        sessions.append(session)
+        return session
+
+    server.new_session = recording  # type: ignore[method-assign]
+    call = raw_connect(open_channel(server))
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await write_then_read_until_error(call, _frame(*[b""] * 129))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        [session] = sessions
+        await session.closed.wait()
+    error = session.error
+    assert isinstance(error, sigwire.OverloadedError)
+    assert error.__traceback__ is None
+    assert error.__context__ is None
