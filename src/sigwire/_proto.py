@@ -43,6 +43,7 @@ __all__ = [
     "card_to_pb",
     "check_envelope",
     "check_frame",
+    "check_json_frame",
     "check_reply",
     "decode_card",
     "decode_envelope",
@@ -499,12 +500,44 @@ def decode_card(data: bytes) -> AgentCard:
     return card_from_pb(_parse(pb.AgentCard, data))
 
 
+# JSON values (objects, arrays, and members counted by their separators) one
+# message of a JSON Frame may hold: its fields and nested messages, its metadata
+# or error details, its batch proof, and room for commas inside its strings.
+_JSON_VALUES_PER_MESSAGE: Final = MAX_METADATA_ENTRIES + MAX_PATH_LENGTH + 64
+_JSON_VALUES_PER_FRAME: Final = 64
+
+
+def check_json_frame(text: str, max_messages: int = MAX_FRAME_MESSAGES) -> None:
+    """Check, without parsing it, that a JSON Frame cannot build more values than its limits.
+
+    ``json.loads`` builds every value of its input at once (a megabyte of
+    ``{},`` is 300,000 dicts and seconds of CPU). Every value but the first of
+    an object or array follows a comma, so commas, braces and brackets bound
+    the values a parse builds; counting them is a C-speed scan. Commas inside
+    strings count too: the bound is generous, never short.
+
+    Raises:
+        EnvelopeError: More values than ``max_messages`` messages may hold
+            (more than a Frame of that many messages within their own limits).
+    """
+    budget = max_messages * _JSON_VALUES_PER_MESSAGE + _JSON_VALUES_PER_FRAME
+    values = text.count(",")
+    if values <= budget:
+        values += text.count("{") + text.count("[")
+    if values > budget:
+        raise EnvelopeError(
+            f"a JSON frame of more than {budget} values (at most {max_messages} messages)"
+        )
+
+
 def frame_from_json(text: str) -> bytes:
     """Serialized Frame bytes from protobuf's canonical JSON mapping of a Frame.
 
     Raises:
-        EnvelopeError: Not JSON, or not a Frame.
+        EnvelopeError: Not JSON, not a Frame, or more JSON values than a
+            Frame within its limits holds.
     """
+    check_json_frame(text)
     frame = pb.Frame()
     try:
         json_format.ParseDict(_json_object(text), frame)

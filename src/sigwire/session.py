@@ -1036,7 +1036,16 @@ class Session:
             return
         interval = self.options.heartbeat
         timeout = self.options.heartbeat_timeout
-        silent = time.monotonic() - self._last_heard
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        beat = self._beat
+        late = loop.time() - beat.when() if beat is not None else 0.0
+        if late > 0:
+            # Silence counts only while this loop ran on time: frames that
+            # came while it was held up (by a long callback anywhere in the
+            # process) are still unread, and the peer is not to blame for that.
+            self._last_heard = min(now, self._last_heard + late)
+        silent = now - self._last_heard
         if silent >= timeout:
             log.info("%s: peer silent for %.1fs; closing", self.name, silent)
             self._begin_close(
@@ -1048,9 +1057,7 @@ class Session:
         if silent >= interval:
             self._ping_token += 1
             self._queue.put_nowait(pb.Frame(ping=pb.Ping(token=self._ping_token)))
-        self._beat = asyncio.get_running_loop().call_later(
-            min(interval, timeout) / 2, self._heartbeat
-        )
+        self._beat = loop.call_later(min(interval, timeout) / 2, self._heartbeat)
 
     async def _close_stream(self) -> None:
         with contextlib.suppress(Exception):

@@ -17,12 +17,15 @@ from sigwire._proto import (
     card_to_pb,
     check_envelope,
     check_frame,
+    check_json_frame,
     check_reply,
     decode_card,
     decode_envelope,
     decode_reply,
     envelope_from_pb,
     envelope_to_pb,
+    frame_from_json,
+    frame_to_json,
     pb,
     reply_from_pb,
     reply_to_pb,
@@ -389,3 +392,22 @@ def test_the_wire_check_refuses_only_with_sigwire_errors(data: bytes) -> None:
         check_frame(bytes(UNWALKED_SIZE) + data, 128)
     except (EnvelopeError, OverloadedError):
         pass
+
+
+def test_a_json_frame_at_every_limit_converts(alice: Identity) -> None:
+    """The JSON form of a frame at every limit passes the value count and converts back."""
+    envelopes = _envelopes(alice, MAX_FRAME_MESSAGES, MAX_METADATA_ENTRIES)
+    frame = pb.Frame(
+        sequence=1, envelopes=pb.EnvelopeBatch(envelopes=[envelope_to_pb(e) for e in envelopes])
+    )
+    data = frame.SerializeToString()
+    assert pb.Frame.FromString(frame_from_json(frame_to_json(data))) == frame
+
+
+def test_a_json_frame_of_too_many_values_is_refused_before_parsing() -> None:
+    """A JSON frame with more values than any frame within its limits is MALFORMED, unparsed."""
+    text = '{"envelopes": {"envelopes": [' + ",".join(["{}"] * 50_000) + "]}}"
+    with pytest.raises(EnvelopeError, match="JSON frame of more than"):
+        check_json_frame(text)
+    with pytest.raises(EnvelopeError, match="JSON frame of more than"):
+        frame_from_json("[" * 50_000)

@@ -6,7 +6,8 @@ Serves ``echo`` on gRPC and WebSocket at 127.0.0.1:0 (heartbeat every 0.2 s, a
 peer silent for 1 s is dead) and prints ``ready GRPC_URL WS_URL DID``. A probe
 task keeps polling the loop every 5 ms; each line ``gap`` read on stdin is
 answered ``gap MS``: the longest the loop went without running the probe since
-the previous ``gap`` line. The test reads the process's RSS from
+the previous ``gap`` line. A line ``hold SECONDS`` keeps the loop busy that
+long, then answers ``held``. The test reads the process's RSS from
 ``/proc/PID/status``, so that the attacking client's own memory is not counted.
 """
 
@@ -17,6 +18,12 @@ import sys
 import time
 
 import sigwire
+
+
+def _hold(seconds: float) -> None:
+    # Keeps the loop as a handler that never awaits, or a slow C call, would:
+    # the loop, not any peer, is late.
+    time.sleep(seconds)
 
 
 async def main() -> None:
@@ -49,9 +56,13 @@ async def main() -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     print("ready", *server.urls, server.identity.did, flush=True)
     while line := await reader.readline():
-        if line.strip() == b"gap":
+        command, *args = line.decode().split()
+        if command == "gap":
             print(f"gap {longest * 1000:.1f}", flush=True)
             longest = 0.0
+        elif command == "hold":
+            _hold(float(args[0]))
+            print("held", flush=True)
     probing.cancel()
     await server.stop(grace=0)
 

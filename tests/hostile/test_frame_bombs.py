@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,6 +34,10 @@ from tests.hostile.conftest import (
     raw_connect,
     write_then_read_until_error,
 )
+
+JSON_STALL_MS = 120
+"""Bound on the loop stall while a valid ~6 MB JSON frame is converted (~190 ms of
+json_format on the loop, a few ms off it)."""
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +68,15 @@ class Agent:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         raise AssertionError("no VmRSS line")
+
+    async def hold(self, seconds: float) -> None:
+        """Keep its loop busy for ``seconds``, as a handler that never awaits would."""
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(f"hold {seconds}\n".encode())
+        async with asyncio.timeout(TIMEOUT + seconds):
+            line = await self.process.stdout.readline()
+        assert line.strip() == b"held"
 
     async def stall_ms(self) -> float:
         """The longest stall of its loop since the previous call."""
@@ -262,3 +277,75 @@ async def test_a_refused_frame_is_not_kept_by_the_session_error(
     assert isinstance(error, sigwire.OverloadedError)
     assert error.__traceback__ is None
     assert error.__context__ is None
+
+
+def json_envelope_bomb(size: int) -> str:
+    """A JSON Frame of ``size`` characters: an EnvelopeBatch of empty envelopes (``{}``)."""
+    return '{"envelopes":{"envelopes":[' + ",".join(["{}"] * ((size - 32) // 3)) + "]}}"
+
+
+def json_full_frame() -> str:
+    """A JSON Frame of 128 (unsigned) envelopes, each at the metadata limit: ~6 MB."""
+    envelope = {
+        "kind": "echo",
+        "sender": "did:key:z6MkpTHR8VNsBxYAAWHut2Geadd9jSwuBV8xRoAnwWsdvktH",
+        "payload": "QUFB" * 4000,
+        "nonce": "AAAAAAAAAAAAAAAAAAAAAA==",
+        "createdAtMs": str(int(time.time() * 1000)),
+        "metadata": {f"k{j}": "v" * 100 for j in range(256)},
+    }
+    envelopes = [dict(envelope, id=f"e{i}") for i in range(128)]
+    return json.dumps({"sequence": "1", "envelopes": {"envelopes": envelopes}})
+
+
+@pytest.mark.parametrize("size", [1_000_000, 8_400_000], ids=["1MB", "8MB"])
+async def test_json_frame_bomb_neither_stalls_the_agent_nor_closes_other_streams(
+    agent: Agent, size: int
+) -> None:
+    """A JSON frame of empty envelopes is refused from a count of its separators, before parsing."""
+    text = json_envelope_bomb(size)
+    async with (
+        asyncio.timeout(TIMEOUT),
+        sigwire.connect(agent.grpc_url, expect_did=agent.did, learn_endpoints=False) as peer,
+    ):
+        assert (await peer.request("echo", b"before")).data == b"before"
+        await agent.stall_ms()
+        outcomes = [await _ws_bomb(agent, text) for _ in range(ROUNDS)]
+        stall = await agent.stall_ms()
+        assert (await peer.request("echo", b"after")).data == b"after"
+        assert peer.reconnects == 0
+    assert stall < STALL_MS, f"the loop stalled {stall:.0f} ms"
+    for outcome in outcomes:
+        assert outcome.startswith("1007 MALFORMED: a JSON frame of more than"), outcome
+
+
+async def test_a_large_json_frame_is_converted_off_the_loop(agent: Agent) -> None:
+    """A JSON frame within every limit but slow to convert is answered without stalling the loop."""
+    text = json_full_frame()
+    await assert_echoes(agent, agent.grpc_url)
+    await agent.stall_ms()
+    refused = set()
+    async with (
+        asyncio.timeout(TIMEOUT),
+        ws_connect(agent.ws_url, subprotocols=[JSON], max_size=None) as ws,
+    ):
+        await ws.send(text)
+        while len(refused) < 128:
+            message = json.loads(await ws.recv())
+            for reply in message.get("replies", {}).get("replies", []):
+                assert reply["error"]["reason"] == "SIGNATURE_MISSING"
+                refused.add(reply["requestId"])
+    stall = await agent.stall_ms()
+    assert stall < JSON_STALL_MS, f"the loop stalled {stall:.0f} ms"
+
+
+async def test_a_late_loop_declares_no_peer_dead(agent: Agent) -> None:
+    """A loop held past the heartbeat timeout does not close the streams it could not read."""
+    async with (
+        asyncio.timeout(TIMEOUT),
+        sigwire.connect(agent.grpc_url, expect_did=agent.did, learn_endpoints=False) as peer,
+    ):
+        assert (await peer.request("echo", b"before")).data == b"before"
+        await agent.hold(2.5)  # the agent's heartbeat timeout is 1 s
+        assert (await peer.request("echo", b"after")).data == b"after"
+        assert peer.reconnects == 0
