@@ -26,7 +26,7 @@ import contextvars
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from sigwire import _proto
@@ -282,6 +282,8 @@ class Session:
         on_signed: Called with (unsigned, signed) for every envelope the
             writer signed, before it is written (the owner keeps the signed
             one to re-send it and to check the replies bound to it).
+        pending: The owner's pending call for a request id, or None: replies
+            to no pending call are dropped before their signatures are checked.
         batch_signatures: Sign what one frame carries with one batch
             signature (``docs/signing.md`` 4.5). Turned on when the peer says
             it accepts them (a client in its hello, an agent in its hello reply).
@@ -319,6 +321,7 @@ class Session:
         "_on_goaway",
         "_on_reply",
         "_on_signed",
+        "_pending",
         "_ping_token",
         "_pong_queued",
         "_pong_token",
@@ -357,6 +360,7 @@ class Session:
         on_bind: Callable[[Session, str], None] | None = None,
         on_closed: Callable[[Session], None] | None = None,
         on_signed: Callable[[Envelope, Envelope], None] | None = None,
+        pending: Callable[[str], object | None] | None = None,
         batch_signatures: bool = False,
         piggyback_acks: bool = False,
         name: str = "session",
@@ -379,6 +383,7 @@ class Session:
         self._on_bind = on_bind
         self._on_closed = on_closed
         self._on_signed = on_signed
+        self._pending = pending
         self.batch_signatures = batch_signatures
         self.piggyback_acks = piggyback_acks
         # Ids this stream re-sent and had answered from the reply cache (made
@@ -627,7 +632,14 @@ class Session:
         elif body == "replies":
             if len(frame.replies.replies) > _MAX_FRAME_MESSAGES:
                 raise OverloadedError("a frame of more replies than any writer batches")
-            replies = [_proto.reply_from_pb(msg) for msg in frame.replies.replies]
+            messages: Sequence[pb.Reply] = frame.replies.replies
+            pending = self._pending
+            if pending is not None and len(messages) >= _BATCH_VERIFY:
+                # Nobody waits for an unsolicited reply: dropped here, before
+                # the batch check verifies it (a lone reply reaches the
+                # correlator, which looks it up before verifying).
+                messages = [msg for msg in messages if pending(msg.request_id) is not None]
+            replies = [_proto.reply_from_pb(msg) for msg in messages]
             if len(replies) < _BATCH_VERIFY:
                 checked = [None] * len(replies)  # verified inline by the correlator
             else:
