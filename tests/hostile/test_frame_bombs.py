@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import sys
 import time
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from tests.hostile.conftest import (
     SERVICE,
     OpenChannel,
     raw_connect,
+    send_refused,
+    send_stream_refused,
     write_then_read_until_error,
 )
 
@@ -349,3 +353,31 @@ async def test_a_late_loop_declares_no_peer_dead(agent: Agent) -> None:
         await agent.hold(2.5)  # the agent's heartbeat timeout is 1 s
         assert (await peer.request("echo", b"after")).data == b"after"
         assert peer.reconnects == 0
+
+
+def _frames_holding(size: int) -> list[str]:
+    # Python frames (kept alive by a traceback) with a bytes local of ``size`` bytes.
+    gc.collect()
+    return [
+        f"{obj.f_code.co_name}:{name}"
+        for obj in gc.get_objects()
+        if isinstance(obj, types.FrameType)
+        for name, value in obj.f_locals.items()
+        if isinstance(value, bytes) and len(value) == size
+    ]
+
+
+@pytest.mark.parametrize("method", ["Send", "SendStream"])
+async def test_a_refused_request_is_not_kept_after_its_call(
+    server: sigwire.Server, open_channel: OpenChannel, method: str
+) -> None:
+    """No frame of a refused unary call, kept by grpc after the call, holds the request."""
+    envelope = _field(15, _field(4, b"\x1a\x00" * 40_000)) + b"\x08\x01" * 7
+    refused = send_refused if method == "Send" else send_stream_refused
+    for _ in range(ROUNDS):
+        failure = await refused(open_channel(server), envelope)
+        assert (failure.code, failure.info.reason) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MALFORMED",
+        )
+    assert _frames_holding(len(envelope)) == []

@@ -88,6 +88,12 @@ class _ServerStream:
         return
 
 
+def _forget(exc: BaseException) -> None:
+    # An error that ends a call outlives it (grpc keeps the last aborted calls'
+    # state): its traceback would keep the frames that decoded the request.
+    exc.__traceback__ = exc.__context__ = None
+
+
 class _Servicer:
     def __init__(self, core: ServerCore) -> None:
         self.core = core
@@ -110,6 +116,8 @@ class _Servicer:
                 raise error_from_wire(err.reason, err.message, err.details)
             return _proto.reply_to_pb(final).SerializeToString()
         except SigwireError as exc:
+            _forget(exc)
+            del request  # grpc keeps aborted calls, and through them this frame
             await context.abort(*abort_args(exc))
             raise  # unreachable: abort raises
 
@@ -124,6 +132,8 @@ class _Servicer:
                     raise error_from_wire(err.reason, err.message, err.details)
                 yield _proto.reply_to_pb(reply).SerializeToString()
         except SigwireError as exc:
+            _forget(exc)
+            del request  # grpc keeps aborted calls, and through them this frame
             await context.abort(*abort_args(exc))
 
     async def Connect(
