@@ -28,13 +28,10 @@ from sigwire.errors import EnvelopeError, OverloadedError
 from sigwire_pb.v1 import messages_pb2 as pb
 from sigwire_pb.v1 import transport_pb2 as transport_pb
 
-MAX_FRAME_MESSAGES: Final = 128
-"""Envelopes and replies one Frame may carry (a sigwire writer batches at most 32)."""
-
-MAX_DETAIL_ENTRIES: Final = MAX_METADATA_ENTRIES
-"""Entries an error reply's ``details`` may hold (sigwire's own replies carry a few)."""
-
 __all__ = [
+    "MAX_DETAIL_ENTRIES",
+    "MAX_FRAME_MESSAGES",
+    "UNWALKED_SIZE",
     "add_envelope",
     "add_reply",
     "card_from_json",
@@ -57,6 +54,12 @@ __all__ = [
     "reply_to_pb",
     "transport_pb",
 ]
+
+MAX_FRAME_MESSAGES: Final = 128
+"""Envelopes and replies one Frame may carry (a sigwire writer batches at most 32)."""
+
+MAX_DETAIL_ENTRIES: Final = MAX_METADATA_ENTRIES
+"""Entries an error reply's ``details`` may hold (sigwire's own replies carry a few)."""
 
 
 # Per-message conversions are on every request's path: they pass only the
