@@ -220,6 +220,7 @@ class Peer:
             options=self.session_options,
             on_goaway=self._goaway,
             on_signed=self._signed,
+            pending=self.correlator.get,
             name=f"client {target.url}",
         )
         task = asyncio.create_task(session.run(), name=f"sigwire-session {target.url}")

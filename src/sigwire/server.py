@@ -282,6 +282,7 @@ class Server:
             stream,
             self.dispatcher,
             on_reply=self.correlator.deliver,
+            pending=self.correlator.get,
             options=self.session_options,
             on_bind=self._bound,
             on_closed=self._gone,

@@ -26,7 +26,7 @@ import contextvars
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from sigwire import _proto
@@ -53,7 +53,8 @@ log = logging.getLogger("sigwire.session")
 # enough that two peers keep several frames in flight rather than trading one
 # big batch in lock-step); a receiver accepts up to _MAX_FRAME_MESSAGES.
 _BATCH_MESSAGES: Final = 32
-_MAX_FRAME_MESSAGES: Final = 128
+_MAX_FRAME_MESSAGES: Final = _proto.MAX_FRAME_MESSAGES
+_UNWALKED_SIZE: Final = _proto.UNWALKED_SIZE
 # An ack waits for data to ride behind, at most this long (or a quarter window).
 _ACK_DELAY: Final = 0.02
 _BATCH_BYTES: Final = 256 * 1024
@@ -286,6 +287,8 @@ class Session:
         on_signed: Called with (unsigned, signed) for every envelope the
             writer signed, before it is written (the owner keeps the signed
             one to re-send it and to check the replies bound to it).
+        pending: The owner's pending call for a request id, or None: replies
+            to no pending call are dropped before their signatures are checked.
         batch_signatures: Sign what one frame carries with one batch
             signature (``docs/signing.md`` 4.5). Turned on when the peer says
             it accepts them (a client in its hello, an agent in its hello reply).
@@ -323,6 +326,7 @@ class Session:
         "_on_goaway",
         "_on_reply",
         "_on_signed",
+        "_pending",
         "_ping_token",
         "_pong_queued",
         "_pong_token",
@@ -360,6 +364,7 @@ class Session:
         on_bind: Callable[[Session, str], None] | None = None,
         on_closed: Callable[[Session], None] | None = None,
         on_signed: Callable[[Envelope, Envelope], None] | None = None,
+        pending: Callable[[str], object | None] | None = None,
         batch_signatures: bool = False,
         piggyback_acks: bool = False,
         name: str = "session",
@@ -382,6 +387,7 @@ class Session:
         self._on_bind = on_bind
         self._on_closed = on_closed
         self._on_signed = on_signed
+        self._pending = pending
         self.batch_signatures = batch_signatures
         self.piggyback_acks = piggyback_acks
         self._identity = dispatcher.identity
@@ -559,6 +565,11 @@ class Session:
                 if data is None:
                     break
                 self._last_heard = time.monotonic()
+                # Counted from the wire first: parsing builds every message
+                # at once, so only a frame within its limits is parsed (a
+                # small one is parsed at once, its counts checked after).
+                if len(data) > _UNWALKED_SIZE:
+                    _proto.check_frame(data, _MAX_FRAME_MESSAGES)
                 frame = pb.Frame()
                 try:
                     frame.ParseFromString(data)
@@ -572,6 +583,9 @@ class Session:
                 # collector walked hundreds of them, 4x as often as over gRPC.
                 await asyncio.sleep(0)
         except SigwireError as exc:
+            # Kept as the session's error, so it keeps nothing else: its
+            # traceback would hold this frame's locals (the refused frame).
+            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
             self._begin_close(exc)
         except Exception as exc:
             log.debug("%s: stream failed: %r", self.name, exc)
@@ -619,7 +633,14 @@ class Session:
         elif body == "replies":
             if len(frame.replies.replies) > _MAX_FRAME_MESSAGES:
                 raise OverloadedError("a frame of more replies than any writer batches")
-            replies = [_proto.reply_from_pb(msg) for msg in frame.replies.replies]
+            messages: Sequence[pb.Reply] = frame.replies.replies
+            pending = self._pending
+            if pending is not None and len(messages) >= _BATCH_VERIFY:
+                # Nobody waits for an unsolicited reply: dropped here, before
+                # the batch check verifies it (a lone reply reaches the
+                # correlator, which looks it up before verifying).
+                messages = [msg for msg in messages if pending(msg.request_id) is not None]
+            replies = [_proto.reply_from_pb(msg) for msg in messages]
             if len(replies) < _BATCH_VERIFY:
                 checked = [None] * len(replies)  # verified inline by the correlator
             else:
@@ -1049,7 +1070,16 @@ class Session:
             return
         interval = self.options.heartbeat
         timeout = self.options.heartbeat_timeout
-        silent = time.monotonic() - self._last_heard
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        beat = self._beat
+        late = loop.time() - beat.when() if beat is not None else 0.0
+        if late > 0:
+            # Silence counts only while this loop ran on time: frames that
+            # came while it was held up (by a long callback anywhere in the
+            # process) are still unread, and the peer is not to blame for that.
+            self._last_heard = min(now, self._last_heard + late)
+        silent = now - self._last_heard
         if silent >= timeout:
             log.info("%s: peer silent for %.1fs; closing", self.name, silent)
             self._begin_close(
@@ -1061,9 +1091,7 @@ class Session:
         if silent >= interval:
             self._ping_token += 1
             self._queue.put_nowait(pb.Frame(ping=pb.Ping(token=self._ping_token)))
-        self._beat = asyncio.get_running_loop().call_later(
-            min(interval, timeout) / 2, self._heartbeat
-        )
+        self._beat = loop.call_later(min(interval, timeout) / 2, self._heartbeat)
 
     async def _close_stream(self) -> None:
         with contextlib.suppress(Exception):

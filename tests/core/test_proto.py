@@ -10,19 +10,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigwire._proto import (
+    MAX_DETAIL_ENTRIES,
+    MAX_FRAME_MESSAGES,
+    UNWALKED_SIZE,
     card_from_pb,
     card_to_pb,
+    check_envelope,
+    check_frame,
+    check_json_frame,
+    check_reply,
     decode_card,
     decode_envelope,
     decode_reply,
     envelope_from_pb,
     envelope_to_pb,
+    frame_from_json,
+    frame_to_json,
     pb,
     reply_from_pb,
     reply_to_pb,
 )
-from sigwire.envelope import AgentCard, Envelope, Reply, ReplyError
-from sigwire.errors import EnvelopeError
+from sigwire.batch import MAX_PATH_LENGTH
+from sigwire.envelope import MAX_METADATA_ENTRIES, AgentCard, Envelope, Reply, ReplyError
+from sigwire.errors import EnvelopeError, OverloadedError
 from sigwire.signing import Identity, Verifier
 
 from .conftest import T0
@@ -275,3 +285,129 @@ def test_metadata_flood_is_refused_before_it_is_built() -> None:
     flood = pb.Envelope(id="x", metadata={f"k{i}": "" for i in range(MAX_METADATA_ENTRIES + 1)})
     with pytest.raises(EnvelopeError, match="metadata"):
         decode_envelope(flood.SerializeToString())
+
+
+# -- limits read from the wire before parsing -----------------------------------
+
+
+def _padded(frame: pb.Frame) -> bytes:
+    # Past UNWALKED_SIZE with an unknown field, so that the walk runs.
+    data = frame.SerializeToString()
+    padding = max(0, UNWALKED_SIZE + 1 - len(data))
+    return data + b"\xa2\x06" + _varint(padding) + b"\x00" * padding
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _envelopes(alice: Identity, count: int, metadata: int) -> list[Envelope]:
+    unsigned = [
+        Envelope(
+            id=f"e{i}",
+            kind="echo",
+            sender=alice.did,
+            payload=b"p" * 1024,
+            metadata={f"k{j}": "v" for j in range(metadata)},
+            created_at_ms=T0,
+            nonce=bytes(16),
+        )
+        for i in range(count)
+    ]
+    return alice.sign_batch(unsigned)
+
+
+def test_a_frame_at_every_limit_passes_the_wire_check(alice: Identity, bob: Identity) -> None:
+    """A frame of MAX_FRAME_MESSAGES batch-signed envelopes with full metadata is not refused."""
+    envelopes = _envelopes(alice, MAX_FRAME_MESSAGES, MAX_METADATA_ENTRIES)
+    frame = pb.Frame(
+        sequence=1, envelopes=pb.EnvelopeBatch(envelopes=[envelope_to_pb(e) for e in envelopes])
+    )
+    data = frame.SerializeToString()
+    assert len(data) > UNWALKED_SIZE
+    check_frame(data, MAX_FRAME_MESSAGES)
+    check_envelope(envelope_to_pb(envelopes[0]).SerializeToString())
+    replies = bob.sign_batch(
+        [
+            Reply(
+                request_id=e.id,
+                request_digest=e.digest(),
+                responder=bob.did,
+                data=b"d" * 1024,
+                error=ReplyError("R", "m", {f"k{j}": "v" for j in range(MAX_DETAIL_ENTRIES)}),
+                created_at_ms=T0,
+            )
+            for e in envelopes
+        ]
+    )
+    frame = pb.Frame(sequence=2, replies=pb.ReplyBatch(replies=[reply_to_pb(r) for r in replies]))
+    check_frame(_padded(frame), MAX_FRAME_MESSAGES)
+    check_reply(reply_to_pb(replies[0]).SerializeToString() + b"\xa2\x06\x03abc")
+
+
+def test_each_limit_is_read_from_the_wire(alice: Identity) -> None:
+    """One entry past any limit refuses a large frame without parsing it."""
+    empty = pb.Envelope()
+    over = pb.Frame(envelopes=pb.EnvelopeBatch(envelopes=[empty] * (MAX_FRAME_MESSAGES + 1)))
+    with pytest.raises(OverloadedError, match="more than 128 messages"):
+        check_frame(_padded(over), MAX_FRAME_MESSAGES)
+    # A batch met twice is merged by the parser: its entries add up.
+    half = pb.Frame(envelopes=pb.EnvelopeBatch(envelopes=[empty] * 65)).SerializeToString()
+    with pytest.raises(OverloadedError):
+        check_frame(
+            half + _padded(pb.Frame(envelopes=pb.EnvelopeBatch(envelopes=[empty] * 64))), 128
+        )
+    metadata = pb.Envelope(metadata={f"k{i}": "" for i in range(MAX_METADATA_ENTRIES + 1)})
+    with pytest.raises(EnvelopeError, match="metadata"):
+        check_frame(_padded(pb.Frame(envelopes=pb.EnvelopeBatch(envelopes=[metadata]))), 128)
+    path = pb.Envelope(
+        signature=pb.Signature(batch=pb.BatchProof(path=[b""] * (MAX_PATH_LENGTH + 1)))
+    )
+    with pytest.raises(EnvelopeError, match="batch proof"):
+        check_frame(_padded(pb.Frame(envelopes=pb.EnvelopeBatch(envelopes=[path]))), 128)
+    details = pb.Reply(error=pb.Error(details={f"k{i}": "" for i in range(MAX_DETAIL_ENTRIES + 1)}))
+    with pytest.raises(EnvelopeError, match="details"):
+        check_frame(_padded(pb.Frame(replies=pb.ReplyBatch(replies=[details]))), 128)
+    # Millions of scalar fields build nothing, but would hold a walk: it has a budget.
+    with pytest.raises(EnvelopeError, match="more fields"):
+        check_frame(b"\x08\x01" * 1_000_000, 128)
+    with pytest.raises(EnvelopeError, match="more fields"):
+        check_envelope(b"\x0a\x00" * 100_000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=512))
+def test_the_wire_check_refuses_only_with_sigwire_errors(data: bytes) -> None:
+    """Any bytes past UNWALKED_SIZE pass the wire check or raise EnvelopeError/OverloadedError."""
+    try:
+        check_frame(data + b"\xa2\x06" + _varint(UNWALKED_SIZE) + bytes(UNWALKED_SIZE), 128)
+    except (EnvelopeError, OverloadedError):
+        pass
+    try:
+        check_frame(bytes(UNWALKED_SIZE) + data, 128)
+    except (EnvelopeError, OverloadedError):
+        pass
+
+
+def test_a_json_frame_at_every_limit_converts(alice: Identity) -> None:
+    """The JSON form of a frame at every limit passes the value count and converts back."""
+    envelopes = _envelopes(alice, MAX_FRAME_MESSAGES, MAX_METADATA_ENTRIES)
+    frame = pb.Frame(
+        sequence=1, envelopes=pb.EnvelopeBatch(envelopes=[envelope_to_pb(e) for e in envelopes])
+    )
+    data = frame.SerializeToString()
+    assert pb.Frame.FromString(frame_from_json(frame_to_json(data))) == frame
+
+
+def test_a_json_frame_of_too_many_values_is_refused_before_parsing() -> None:
+    """A JSON frame with more values than any frame within its limits is MALFORMED, unparsed."""
+    text = '{"envelopes": {"envelopes": [' + ",".join(["{}"] * 50_000) + "]}}"
+    with pytest.raises(EnvelopeError, match="JSON frame of more than"):
+        check_json_frame(text)
+    with pytest.raises(EnvelopeError, match="JSON frame of more than"):
+        frame_from_json("[" * 50_000)

@@ -221,3 +221,36 @@ async def test_unpinned_peer_does_not_switch_agents_on_reconnect(
         f"the peer now talks to {peer.server_did}, not {server.identity.did}"
     )
     await assert_still_serves(impostor)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_unsolicited_replies_are_dropped_before_any_verification(
+    server: sigwire.Server,
+    open_channel: OpenChannel,
+    client_identity: sigwire.Identity,
+    verifications: list[bytes],
+    transport: str,
+) -> None:
+    """A frame of signed replies to requests nobody sent costs no signature check."""
+    replies = [
+        client_identity.sign_reply(
+            sigwire.Reply(
+                request_id=f"never-sent-{i}",
+                request_digest=bytes(32),
+                responder=client_identity.did,
+                data=b"x",
+                created_at_ms=now_ms(),
+            )
+        )
+        for i in range(64)
+    ]
+    frame = _frame(
+        sequence=1, replies=pb.ReplyBatch(replies=[_proto.reply_to_pb(r) for r in replies])
+    )
+    async with asyncio.timeout(TIMEOUT):
+        if transport == "grpc":
+            await _alive_over_grpc(open_channel(server), frame)
+        else:
+            await _alive_over_websocket(server.urls[1], frame)
+    assert verifications == []
+    await assert_still_serves(server)

@@ -55,6 +55,10 @@ def grpc_options(max_message_size: int, keepalive: float) -> list[tuple[str, int
         ("grpc.keepalive_timeout_ms", int(max(1.0, keepalive / 2) * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Identity only: grpc applies the receive limit after inflating, so a
+        # few KB of gzip would cost a whole frame's worth of memory and CPU.
+        # A compressed message is refused (UNIMPLEMENTED) before it is inflated.
+        ("grpc.compression_enabled_algorithms_bitset", 1),
     ]
 
 
@@ -88,6 +92,12 @@ class _ServerStream:
         return
 
 
+def _forget(exc: BaseException) -> None:
+    # An error that ends a call outlives it (grpc keeps the last aborted calls'
+    # state): its traceback would keep the frames that decoded the request.
+    exc.__traceback__ = exc.__context__ = None
+
+
 class _Servicer:
     def __init__(self, core: ServerCore) -> None:
         self.core = core
@@ -110,6 +120,8 @@ class _Servicer:
                 raise error_from_wire(err.reason, err.message, err.details)
             return _proto.reply_to_pb(final).SerializeToString()
         except SigwireError as exc:
+            _forget(exc)
+            del request  # grpc keeps aborted calls, and through them this frame
             await context.abort(*abort_args(exc))
             raise  # unreachable: abort raises
         except Exception:
@@ -128,6 +140,8 @@ class _Servicer:
                     raise error_from_wire(err.reason, err.message, err.details)
                 yield _proto.reply_to_pb(reply).SerializeToString()
         except SigwireError as exc:
+            _forget(exc)
+            del request  # grpc keeps aborted calls, and through them this frame
             await context.abort(*abort_args(exc))
         except Exception:
             error = internal_error("SendStream from %s failed", context.peer())

@@ -26,6 +26,10 @@ __all__ = ["JSON_SUBPROTOCOL", "PROTO_SUBPROTOCOL", "WebSocketStream", "close_co
 CLOSE_TIMEOUT = 1.0
 """Seconds to wait for the peer's close frame before dropping the connection."""
 
+_JSON_INLINE = 16 * 1024
+"""Size of a frame converted to or from JSON on the event loop; larger ones go to a worker
+thread (json_format converts field by field in Python: ~35 ms per MB)."""
+
 PROTO_SUBPROTOCOL = "sigwire.v1.proto"
 JSON_SUBPROTOCOL = "sigwire.v1.json"
 
@@ -82,7 +86,12 @@ class WebSocketStream:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.ws.send(_proto.frame_to_json(data) if self._json else data)
+            if not self._json:
+                await self.ws.send(data)
+            elif len(data) <= _JSON_INLINE:
+                await self.ws.send(_proto.frame_to_json(data))
+            else:
+                await self.ws.send(await asyncio.to_thread(_proto.frame_to_json, data))
         except ConnectionClosed as exc:
             raise _as_closed(_closed_error(exc, self._where)) from None
 
@@ -99,7 +108,12 @@ class WebSocketStream:
                     f"binary message on the {JSON_SUBPROTOCOL} subprotocol",
                     reason="UNSUPPORTED_DATA",
                 )
-            return _proto.frame_from_json(message)
+            if len(message) <= _JSON_INLINE:
+                return _proto.frame_from_json(message)
+            # Bounded first (a C-speed count), then converted off the loop:
+            # json_format walks a large frame in Python for milliseconds.
+            _proto.check_json_frame(message)
+            return await asyncio.to_thread(_proto.frame_from_json, message)
         if not isinstance(message, bytes):
             raise EnvelopeError(
                 f"text message on the {PROTO_SUBPROTOCOL} subprotocol", reason="UNSUPPORTED_DATA"
