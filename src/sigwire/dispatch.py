@@ -229,6 +229,7 @@ class Answer:
 
     __slots__ = (
         "_changed",
+        "_following",
         "_room",
         "_watchers",
         "content",
@@ -254,6 +255,12 @@ class Answer:
         self._changed: asyncio.Event | None = None
         self._watchers: list[Callable[[], None]] | None = None
         self._room: asyncio.Future[None] | None = None
+        self._following = 0
+
+    @property
+    def unread(self) -> bool:
+        """Whether the handler waits for a reader and nobody follows the answer."""
+        return self._room is not None and not self._watchers and not self._following
 
     def add(self, reply: Reply) -> None:
         self.replies.append(reply)
@@ -311,17 +318,21 @@ class Answer:
 
     async def follow(self) -> AsyncIterator[Reply]:
         index = 0
-        while True:
-            while index < len(self.replies):
-                yield self.replies[index]
-                index += 1
-                self.took(index)
-            if self.done:
-                return
-            changed = self._changed
-            if changed is None:
-                changed = self._changed = asyncio.Event()
-            await changed.wait()
+        self._following += 1
+        try:
+            while True:
+                while index < len(self.replies):
+                    yield self.replies[index]
+                    index += 1
+                    self.took(index)
+                if self.done:
+                    return
+                changed = self._changed
+                if changed is None:
+                    changed = self._changed = asyncio.Event()
+                await changed.wait()
+        finally:
+            self._following -= 1
 
 
 # A finished answer is kept packed: ONE flat tuple of strs, bytes, ints,
@@ -658,7 +669,8 @@ class Dispatcher:
         # hellos created before this one started are refused (see _hello).
         self.hello_floor_ms = now_ms() - 1
         self._said_guard_full = False
-        self._running: set[asyncio.Task[None]] = set()
+        # Tasks inside a handler, with the answer each is making.
+        self._running: dict[asyncio.Task[None], Answer] = {}
         self.handled = 0
 
     def admit(
@@ -790,8 +802,8 @@ class Dispatcher:
                 context.copy() if context is not None else None,
             )
             if not entry.done:
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._running[task] = entry
+                task.add_done_callback(self._forget_running)
         elif self.buckets is not None and fresh:
             # A re-signed retry answered from the cache runs no handler, yet
             # costs a signature on each cached reply: only its sender can make
@@ -1010,6 +1022,23 @@ class Dispatcher:
     def running(self) -> tuple[asyncio.Task[None], ...]:
         """Tasks currently inside a handler."""
         return tuple(self._running)
+
+    def cancel_unread(self) -> int:
+        """Cancel the streaming handlers held back for a reader that has gone.
+
+        Called while draining: no reader can come back for them then, so they
+        would only hold the drain for its whole grace.
+
+        Returns:
+            How many were cancelled.
+        """
+        unread = [task for task, entry in self._running.items() if entry.unread]
+        for task in unread:
+            task.cancel()
+        return len(unread)
+
+    def _forget_running(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
 
 
 def finished(answer: Answer) -> bool:

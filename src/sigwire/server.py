@@ -214,6 +214,7 @@ class Server:
         grace_ms = int(grace * 1000)
         for session in list(self._all_sessions):
             session.send_goaway("SHUTTING_DOWN", "the agent is shutting down", grace_ms)
+        self.dispatcher.cancel_unread()
         running = self.dispatcher.running()
         if running:
             _, late = await asyncio.wait(running, timeout=grace)

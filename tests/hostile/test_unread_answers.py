@@ -263,3 +263,30 @@ async def test_a_streamed_answer_beyond_max_answer_bytes_ends_overloaded() -> No
 
 def _part(data: bytes) -> sigwire.Reply:
     return sigwire.Reply(request_id="r", request_digest=b"", responder="d", data=data, final=False)
+
+
+async def test_draining_cancels_streams_whose_reader_has_gone(
+    client_identity: sigwire.Identity,
+) -> None:
+    """stop() cancels handlers held back for a reader that left, not waiting out its grace."""
+    async with builtin_server(limits=sigwire.Limits(rate=None)) as server:
+        channel = grpc.aio.insecure_channel(server.urls[0].removeprefix("grpc://"))
+        try:
+            async with (
+                asyncio.timeout(TIMEOUT),
+                sigwire.connect(server.urls[0], learn_endpoints=False) as healthy,
+            ):
+                call = raw_connect(channel)
+                await call.write(frame_bytes(1, *_counts(client_identity, 3)))
+                running = server.dispatcher._running
+                while len(running) < 3:
+                    await _echoes(healthy, 1)
+                call.cancel()  # the reader leaves, its stream closes
+                while sum(entry.unread for entry in running.values()) < 3:
+                    await _echoes(healthy, 1)
+        finally:
+            await channel.close(grace=None)
+        # A grace far beyond the test's timeout: only cancelling them ends it in time.
+        async with asyncio.timeout(TIMEOUT):
+            await server.stop(grace=TIMEOUT * 10)
+        assert not server.dispatcher.running()
