@@ -1,5 +1,13 @@
 """sigwire: signed agent-to-agent messaging over gRPC, with a WebSocket fallback."""
 
+import os
+
+# grpc's C core reads its log level once, when grpc is imported, and by
+# default logs every failed TLS handshake at INFO on stderr, in its own
+# format, beside the error sigwire raises for it. A level set by the user
+# wins; this must run before anything below imports grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from sigwire.client import Backoff, Peer, connect
 from sigwire.dispatch import Limits
 from sigwire.envelope import AgentCard, Envelope, Message, Reply, ReplyError, Signature

@@ -27,9 +27,11 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def _error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The last stderr line, after checking that no traceback came before it."""
+    """The only stderr line: no traceback, and nothing from grpc's C core, before it."""
     assert "Traceback" not in result.stderr, result.stderr
-    return result.stderr.strip().splitlines()[-1]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # nothing from grpc's C core before it
+    return lines[0]
 
 
 def test_a_client_certificate_without_its_key_is_a_usage_error(
@@ -61,15 +63,19 @@ def mtls_agent(tmp_path: Path, env: dict[str, str]) -> Iterator[tuple[str, Certs
         yield proc.stdout.readline().split()[-1], certs
 
 
-def test_grpcs_failures_say_which(mtls_agent: tuple[str, Certs], env: dict[str, str]) -> None:
-    """A wrong CA and a missing client certificate each get their own line saying what to give."""
+def test_grpcs_failures_say_which(
+    mtls_agent: tuple[str, Certs], env: dict[str, str], tmp_path: Path
+) -> None:
+    """A wrong CA and a missing client certificate each get one line saying what to give."""
     url, certs = mtls_agent
-    wrong_ca = _sigwire("send", url, "echo", "--tls-ca", certs.other_ca, env=env)
+    me = tmp_path / "me.pem"
+    Identity.generate().save(me)
+    wrong_ca = _sigwire("send", url, "echo", "--key", str(me), "--tls-ca", certs.other_ca, env=env)
     assert wrong_ca.returncode == 1
     line = _error_line(wrong_ca)
     assert "the server's certificate is not trusted" in line
     assert "--tls-ca" in line
-    no_cert = _sigwire("send", url, "echo", "--tls-ca", certs.ca, env=env)
+    no_cert = _sigwire("send", url, "echo", "--key", str(me), "--tls-ca", certs.ca, env=env)
     assert no_cert.returncode == 1
     line = _error_line(no_cert)
     assert "the server requires a client certificate" in line
@@ -115,7 +121,7 @@ def test_send_refuses_a_plaintext_fallback_after_tls_unless_allowed(
         with socket.socket() as dead:
             dead.bind(("127.0.0.1", 0))
             secure = f"grpcs://127.0.0.1:{dead.getsockname()[1]}"
-            args = ("send", secure, "echo", "--data", "x", "--fallback", ws_url)
+            args = ("send", secure, "echo", "--data", "x", "--fallback", ws_url, "--key", str(key))
             refused = _sigwire(*args, "--connect-timeout", "1", env=env)
             allowed = _sigwire(
                 *args, "--connect-timeout", "1", "--allow-insecure-fallback", env=env
