@@ -214,6 +214,10 @@ def build_server(args: argparse.Namespace) -> Server:
         _check_listen_address("--grpc", args.grpc)
     if args.ws:
         _check_listen_address("--ws", args.ws)
+    elif args.allow_origin:
+        _fail(
+            "--allow-origin admits web pages to the WebSocket listener: give --ws too", usage=True
+        )
     identity = _identity(args)
     trust = _load_trust(args.trust, args.allow_empty_trust) if args.trust else None
     server = Server(

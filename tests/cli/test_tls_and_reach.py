@@ -171,3 +171,14 @@ def test_serve_refuses_a_bad_origin_or_advertised_url(
     assert result.returncode == 2
     assert flag in result.stderr
     assert problem in result.stderr
+
+
+def test_serve_refuses_allow_origin_without_a_websocket_listener(env: dict[str, str]) -> None:
+    """--allow-origin without --ws would admit nothing: a usage error naming both flags."""
+    result = _sigwire(
+        "serve", "--grpc", "127.0.0.1:0", "--allow-origin", "https://app.example.com", env=env
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "sigwire: error: --allow-origin admits web pages to the WebSocket listener: give --ws too"
+    ]
