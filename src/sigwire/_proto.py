@@ -515,9 +515,11 @@ def check_json_frame(text: str, max_messages: int = MAX_FRAME_MESSAGES) -> None:
 
     ``json.loads`` builds every value of its input at once (a megabyte of
     ``{},`` is 300,000 dicts and seconds of CPU). Every value but the first of
-    an object or array follows a comma, so commas, braces and brackets bound
-    the values a parse builds; counting them is a C-speed scan. Commas inside
-    strings count too: the bound is generous, never short.
+    an object or array follows a comma, so commas, braces and brackets outside
+    strings bound the values a parse builds, and each string is a value of
+    its own. A C-speed count over the whole text settles almost every frame;
+    only a frame whose strings hold many commas or braces (a metadata value,
+    an error message) needs the second pass, which skips its strings.
 
     Raises:
         EnvelopeError: More values than ``max_messages`` messages may hold
@@ -527,10 +529,31 @@ def check_json_frame(text: str, max_messages: int = MAX_FRAME_MESSAGES) -> None:
     values = text.count(",")
     if values <= budget:
         values += text.count("{") + text.count("[")
-    if values > budget:
+    if values > budget and _values_outside_strings(text, budget) > budget:
         raise EnvelopeError(
             f"a JSON frame of more than {budget} values (at most {max_messages} messages)"
         )
+
+
+def _values_outside_strings(text: str, budget: int) -> int:
+    # A string is a value (or a member's name) of its own, two quotes each: a
+    # text with more quotes than twice the budget's strings builds too much
+    # whatever is between them, and is never split. Otherwise the pieces
+    # between quotes alternate outside, inside, outside...; a quote after an
+    # odd run of backslashes is escaped and keeps the string open.
+    quotes = text.count('"')
+    if quotes > 4 * budget:
+        return quotes // 2
+    values = 0
+    inside = False
+    for piece in text.split('"'):
+        if inside:
+            escapes = len(piece) - len(piece.rstrip("\\"))
+            inside = escapes % 2 == 1
+        else:
+            values += piece.count(",") + piece.count("{") + piece.count("[")
+            inside = True
+    return values
 
 
 def frame_from_json(text: str) -> bytes:

@@ -411,3 +411,41 @@ def test_a_json_frame_of_too_many_values_is_refused_before_parsing() -> None:
         check_json_frame(text)
     with pytest.raises(EnvelopeError, match="JSON frame of more than"):
         frame_from_json("[" * 50_000)
+
+
+@pytest.mark.parametrize("text", [",", "{[,", '\\",{[', "a,b\\\\"])
+def test_a_json_frame_whose_strings_hold_separators_converts_as_its_binary_form_does(
+    alice: Identity, text: str
+) -> None:
+    """Commas, braces and escaped quotes inside strings are not values: such a frame converts."""
+    value = text * (50_000 // len(text))
+    [envelope] = alice.sign_batch(
+        [
+            Envelope(
+                id="e1",
+                kind="echo",
+                sender=alice.did,
+                metadata={"note": value},
+                created_at_ms=T0,
+                nonce=bytes(16),
+            )
+        ]
+    )
+    frame = pb.Frame(sequence=1, envelopes=pb.EnvelopeBatch(envelopes=[envelope_to_pb(envelope)]))
+    data = frame.SerializeToString()
+    check_frame(data, MAX_FRAME_MESSAGES)
+    assert pb.Frame.FromString(frame_from_json(frame_to_json(data))) == frame
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" + '"",' * 200_000 + '""]',  # strings are values too
+        '["a\\"b",' + ",".join(["{}"] * 50_000) + "]",  # an escaped quote does not end a string
+        '["x",' + ",".join(["{}"] * 50_000) + "]",  # values between strings still count
+    ],
+)
+def test_a_json_frame_of_too_many_values_outside_its_strings_is_refused(text: str) -> None:
+    """Values outside strings, or strings themselves, past the budget are MALFORMED, unparsed."""
+    with pytest.raises(EnvelopeError, match="JSON frame of more than"):
+        check_json_frame(text)

@@ -110,9 +110,9 @@ class WebSocketStream:
                 )
             if len(message) <= _JSON_INLINE:
                 return _proto.frame_from_json(message)
-            # Bounded first (a C-speed count), then converted off the loop:
-            # json_format walks a large frame in Python for milliseconds.
-            _proto.check_json_frame(message)
+            # Off the loop, bounds first: frame_from_json counts the values a
+            # parse would build before parsing, and json_format walks a large
+            # frame in Python for milliseconds.
             return await asyncio.to_thread(_proto.frame_from_json, message)
         if not isinstance(message, bytes):
             raise EnvelopeError(
