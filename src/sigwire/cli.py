@@ -218,8 +218,11 @@ def build_server(args: argparse.Namespace) -> Server:
         _fail(
             "--allow-origin admits web pages to the WebSocket listener: give --ws too", usage=True
         )
-    identity = _identity(args)
+    # Everything that can refuse the command comes before the identity, which
+    # may be created (and announced) on first use.
     trust = _load_trust(args.trust, args.allow_empty_trust) if args.trust else None
+    store = _open_store(args.store) if args.store else None
+    identity = _identity(args)
     server = Server(
         identity,
         grpc=args.grpc or None,
@@ -229,7 +232,7 @@ def build_server(args: argparse.Namespace) -> Server:
         trust=trust,
         limits=Limits(max_message_size=args.max_message_size),
         tls=tls,
-        store=_open_store(args.store) if args.store else None,
+        store=store,
         replay_guard=ReplayGuard(capacity=args.replay_capacity),
         allow_origins=args.allow_origin,
         advertise=args.advertise,

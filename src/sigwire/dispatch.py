@@ -619,6 +619,10 @@ class ReplyCache:
 class SessionHooks(Protocol):
     """What a stream session lets the dispatcher do (bind it to a DID)."""
 
+    @property
+    def peer_did(self) -> str | None:
+        """The DID the stream is bound to, once a hello has bound it."""
+
     def bind(self, did: str, *, batch_signatures: bool = False, acked: bool = False) -> None:
         """Record that the stream's peer is ``did`` (verified by its hello).
 
@@ -847,6 +851,13 @@ class Dispatcher:
             # A replayed hello would bind this stream to someone else's DID
             # and route their pushes here.
             raise ReplayError("a hello is valid once")
+        if session.peer_did is not None:
+            # A stream is bound once, by its first hello: a later one binds
+            # nothing, so it is not recorded (a stream of hellos must not
+            # fill the store's table of them).
+            if self.buckets is not None:
+                self.buckets.take(envelope.sender)
+            return self._hello_reply(envelope)
         # The guard knows the hellos of this process only. With a store, every
         # hello accepted is recorded there before it binds, so a replay is
         # refused after any number of restarts; without one, a hello created
@@ -863,6 +874,8 @@ class Dispatcher:
                 raise ReplayError("a hello is valid once")
         elif envelope.created_at_ms <= self.hello_floor_ms:
             raise StaleMessageError(envelope.created_at_ms - now_ms(), floor_ms=self.hello_floor_ms)
+        # Charged once it is known not to be a replay: a captured hello must
+        # not drain its sender's bucket.
         if self.buckets is not None:
             self.buckets.take(envelope.sender)
         session.bind(
@@ -870,6 +883,9 @@ class Dispatcher:
             batch_signatures=envelope.metadata.get(BATCH_SIGNATURES_KEY) == "1",
             acked=envelope.metadata.get(ACKED_KEY) == "1",
         )
+        return self._hello_reply(envelope)
+
+    def _hello_reply(self, envelope: Envelope) -> Reply:
         # The hello reply tells the peer our size limit, before it sends
         # anything, and (in its content type) what we understand.
         return dataclasses.replace(

@@ -129,7 +129,7 @@ class SqliteStore:
         max_answers: int = 200_000,
         max_answer_bytes: int = 1024 * 1024 * 1024,
         max_pushes: int = 100_000,
-        max_hellos: int = 100_000,
+        max_hellos: int = 1_000_000,
     ) -> None:
         if min(max_answers, max_answer_bytes, max_pushes, max_hellos) < 1:
             raise ValueError("every store limit must be positive")

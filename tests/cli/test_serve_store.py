@@ -52,3 +52,21 @@ def test_serve_refuses_an_unusable_store_in_one_line(tmp_path: Path, kind: str) 
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"sigwire: error: --store {path}"), line
     assert says in line
+
+
+def test_serve_refused_for_its_store_creates_no_identity(tmp_path: Path) -> None:
+    """Without --key, a store that cannot be used refuses the command before any key is made."""
+    path = tmp_path / "agent.db"
+    path.mkdir()
+    config = tmp_path / "config"
+    done = subprocess.run(
+        [sys.executable, "-m", "sigwire", "serve", "--grpc", "127.0.0.1:0", "--store", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, "XDG_CONFIG_HOME": str(config), "SIGWIRE_KEY": ""},
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"sigwire: error: --store {path}"), done.stderr
+    assert not config.exists()

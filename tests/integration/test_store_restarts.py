@@ -135,3 +135,26 @@ async def test_a_hello_created_before_a_restart_is_refused_after_it_without_a_st
     assert refused.error is not None
     assert refused.error.reason == "TIMESTAMP_OUT_OF_WINDOW", refused
     assert int(refused.error.details["floor_ms"]) >= hello.created_at_ms
+
+
+async def test_hellos_after_the_first_on_a_stream_are_not_recorded(
+    make_server: MakeServer, client_identity: sigwire.Identity, tmp_path: Path
+) -> None:
+    """A stream is bound by its first hello: later ones, from any DID, leave the store as it was."""
+    server = await make_server(store=tmp_path / "agent.db")
+    assert server.store is not None
+
+    def hello(identity: sigwire.Identity) -> sigwire.Envelope:
+        return identity.sign_envelope(
+            sigwire.Envelope.new(HELLO_KIND, sender=identity.did, recipient=server.identity.did)
+        )
+
+    async with asyncio.timeout(TIMEOUT), open_raw(server, "grpc") as stream:
+        assert (await _say_hello(stream, hello(client_identity))).success
+        recorded = server.store._hellos
+        minted = [hello(sigwire.Identity.generate()) for _ in range(20)]
+        await stream.send_envelopes(*minted)
+        replies = await stream.final_replies({h.id for h in minted})
+        assert server.connected() == [client_identity.did]
+    assert all(reply.success for reply in replies.values())
+    assert server.store._hellos == recorded == 1
