@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeAlias, cast
 
 from sigwire import _proto
@@ -631,6 +631,27 @@ class SessionHooks(Protocol):
         """
 
 
+class _Held:
+    """What one streamed answer in progress holds, counted in its dispatcher."""
+
+    __slots__ = ("bytes", "dispatcher")
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.bytes = 0
+
+    def add(self, cost: int) -> None:
+        dispatcher = self.dispatcher
+        limit = dispatcher.cache.max_bytes
+        if dispatcher.in_progress_bytes + cost > limit:
+            raise OverloadedError(
+                f"answers in progress hold {limit} bytes, all the agent keeps for them",
+                details={"limit": str(limit)},
+            )
+        dispatcher.in_progress_bytes += cost
+        self.bytes += cost
+
+
 class Dispatcher:
     """Runs the inbound pipeline for one endpoint (server or client).
 
@@ -673,6 +694,9 @@ class Dispatcher:
         # hellos created before this one started are refused (see _hello).
         self.hello_floor_ms = now_ms() - 1
         self._said_guard_full = False
+        # Bytes (as reply_cost counts them) of the parts streamed answers in
+        # progress hold; bounded by reply_cache_bytes.
+        self.in_progress_bytes = 0
         # Tasks inside a handler, with the answer each is making.
         self._running: dict[asyncio.Task[None], Answer] = {}
         self.handled = 0
@@ -954,29 +978,31 @@ class Dispatcher:
                     limit = min(self.limits.max_answer_bytes, self.cache.max_bytes)
                     kept = _ANSWER_COST
                     parts = cast("AsyncGenerator[HandlerResult, None]", handler(message))
-                    async with contextlib.aclosing(parts):
-                        async for item in parts:
-                            reply = self.reply(envelope, item, sequence=sequence, final=False)
-                            cost = reply_cost(reply)
-                            kept += cost
-                            if kept > limit:
-                                raise OverloadedError(
-                                    f"the answer outgrew the {limit} bytes one answer may keep",
-                                    details={"limit": str(limit)},
-                                )
-                            entry.add(reply)
-                            sequence += 1
-                            # Backpressure, and a turn of the loop now and then:
-                            # a generator that never awaits must not hold the
-                            # loop, nor a peer that stops reading grow its answer.
-                            lead = max(1, min(_LEAD, _LEAD_BYTES // cost))
-                            if len(entry.replies) - entry.taken >= lead:
-                                if not await entry.wait_for_reader(lead, self.cache.ttl):
+                    with self._holding() as held:
+                        async with contextlib.aclosing(parts):
+                            async for item in parts:
+                                reply = self.reply(envelope, item, sequence=sequence, final=False)
+                                cost = reply_cost(reply)
+                                kept += cost
+                                if kept > limit:
                                     raise OverloadedError(
-                                        f"nobody read the answer for {self.cache.ttl:g}s"
+                                        f"the answer outgrew the {limit} bytes one answer may keep",
+                                        details={"limit": str(limit)},
                                     )
-                            elif not sequence % _YIELD_EVERY:
-                                await asyncio.sleep(0)
+                                held.add(cost)
+                                entry.add(reply)
+                                sequence += 1
+                                # Backpressure, and a turn of the loop now and then:
+                                # a generator that never awaits must not hold the
+                                # loop, nor a peer that stops reading grow its answer.
+                                lead = max(1, min(_LEAD, _LEAD_BYTES // cost))
+                                if len(entry.replies) - entry.taken >= lead:
+                                    if not await entry.wait_for_reader(lead, self.cache.ttl):
+                                        raise OverloadedError(
+                                            f"nobody read the answer for {self.cache.ttl:g}s"
+                                        )
+                                elif not sequence % _YIELD_EVERY:
+                                    await asyncio.sleep(0)
                     last = self.reply(envelope, b"", sequence=sequence)
                 else:
                     result = await handler(message)  # type: ignore[misc]
@@ -1038,6 +1064,17 @@ class Dispatcher:
     def running(self) -> tuple[asyncio.Task[None], ...]:
         """Tasks currently inside a handler."""
         return tuple(self._running)
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[_Held]:
+        # Parts of answers still being made are kept whole (a re-send is
+        # answered from them) and cannot be evicted: all of them together are
+        # held to reply_cache_bytes, as the finished answers are.
+        held = _Held(self)
+        try:
+            yield held
+        finally:
+            self.in_progress_bytes -= held.bytes
 
     def cancel_unread(self) -> int:
         """Cancel the streaming handlers held back for a reader that has gone.

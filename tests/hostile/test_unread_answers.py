@@ -290,3 +290,38 @@ async def test_draining_cancels_streams_whose_reader_has_gone(
         async with asyncio.timeout(TIMEOUT):
             await server.stop(grace=TIMEOUT * 10)
         assert not server.dispatcher.running()
+
+
+async def test_answers_in_progress_together_keep_within_reply_cache_bytes() -> None:
+    """Parts already read but held by running answers count: past reply_cache_bytes, OVERLOADED."""
+    part = reply_cost(_part(b"x" * 100))
+    limits = sigwire.Limits(reply_cache_bytes=150 * part, rate=None)
+    gate = asyncio.Event()
+    server = sigwire.Server(sigwire.Identity.generate(), grpc=LOCAL, limits=limits)
+
+    @server.on("hold")
+    async def hold(msg: sigwire.Message) -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 100
+        await gate.wait()  # done producing, not finished: its parts stay held
+
+    await server.start()
+    try:
+        async with (
+            asyncio.timeout(TIMEOUT),
+            sigwire.connect(server.urls[0], learn_endpoints=False) as peer,
+        ):
+            first = peer.stream("hold", b"", timeout=TIMEOUT)
+            read = [await anext(first) for _ in range(100)]  # every part read, none finished
+            with pytest.raises(sigwire.OverloadedError) as caught:
+                async for _ in peer.stream("hold", b"", timeout=TIMEOUT):
+                    pass
+            gate.set()
+            rest = [part async for part in first]  # the first ends as it should
+    finally:
+        async with asyncio.timeout(TIMEOUT):
+            await server.stop(grace=0)
+    assert len(read) == 100
+    assert rest == []  # its final part carries no data
+    assert caught.value.details["limit"] == str(limits.reply_cache_bytes)
+    assert server.dispatcher.in_progress_bytes == 0
