@@ -34,6 +34,7 @@ from sigwire.batch import MAX_PATH_LENGTH
 from sigwire.envelope import MAX_METADATA_ENTRIES, AgentCard, Envelope, Reply, ReplyError
 from sigwire.errors import EnvelopeError, OverloadedError
 from sigwire.signing import Identity, Verifier
+from tests.wire import varint
 
 from .conftest import T0
 
@@ -294,16 +295,7 @@ def _padded(frame: pb.Frame) -> bytes:
     # Past UNWALKED_SIZE with an unknown field, so that the walk runs.
     data = frame.SerializeToString()
     padding = max(0, UNWALKED_SIZE + 1 - len(data))
-    return data + b"\xa2\x06" + _varint(padding) + b"\x00" * padding
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return data + b"\xa2\x06" + varint(padding) + b"\x00" * padding
 
 
 def _envelopes(alice: Identity, count: int, metadata: int) -> list[Envelope]:
@@ -385,7 +377,7 @@ def test_each_limit_is_read_from_the_wire(alice: Identity) -> None:
 def test_the_wire_check_refuses_only_with_sigwire_errors(data: bytes) -> None:
     """Any bytes past UNWALKED_SIZE pass the wire check or raise EnvelopeError/OverloadedError."""
     try:
-        check_frame(data + b"\xa2\x06" + _varint(UNWALKED_SIZE) + bytes(UNWALKED_SIZE), 128)
+        check_frame(data + b"\xa2\x06" + varint(UNWALKED_SIZE) + bytes(UNWALKED_SIZE), 128)
     except (EnvelopeError, OverloadedError):
         pass
     try:

@@ -38,6 +38,7 @@ from tests.hostile.conftest import (
     send_stream_refused,
     write_then_read_until_error,
 )
+from tests.wire import varint
 
 JSON_STALL_MS = 120
 """Bound on the loop stall while a valid ~6 MB JSON frame is converted (~190 ms of
@@ -122,17 +123,8 @@ async def agent() -> AsyncIterator[Agent]:
             await process.wait()
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _field(number: int, value: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
+    return varint(number << 3 | 2) + varint(len(value)) + value
 
 
 def _frame(*envelopes: bytes) -> bytes:
