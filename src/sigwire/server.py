@@ -34,6 +34,9 @@ __all__ = ["Server"]
 
 log = logging.getLogger("sigwire.server")
 
+# How often a drain looks again for handlers whose reader has gone (seconds).
+_UNREAD_CHECK = 0.1
+
 
 class _Turn:
     """The lock that orders deliveries to one DID, and how many hold or wait for it."""
@@ -214,13 +217,7 @@ class Server:
         grace_ms = int(grace * 1000)
         for session in list(self._all_sessions):
             session.send_goaway("SHUTTING_DOWN", "the agent is shutting down", grace_ms)
-        self.dispatcher.cancel_unread()
-        running = self.dispatcher.running()
-        if running:
-            _, late = await asyncio.wait(running, timeout=grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self._finish_running(grace)
         self.correlator.fail_all(ShuttingDownError("the server is shutting down"))
         for task in list(self._background):
             task.cancel()
@@ -243,6 +240,21 @@ class Server:
                 self.store.close()  # and its lock: the next server may open it
         self._stopped.set()
         log.info("sigwire agent %s stopped", self.identity.did)
+
+    async def _finish_running(self, grace: float) -> None:
+        # Handlers get the grace, except streaming ones held back for a reader
+        # that has gone: nobody can come back for their answers while the
+        # agent drains. Readers may leave at any time, hence the re-check.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self.dispatcher.cancel_unread()
+        running = set(self.dispatcher.running())
+        while running and (left := deadline - loop.time()) > 0:
+            _, running = await asyncio.wait(running, timeout=min(left, _UNREAD_CHECK))
+            self.dispatcher.cancel_unread()
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def wait_stopped(self) -> None:
         """Wait until :meth:`stop` completes."""

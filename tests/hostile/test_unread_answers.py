@@ -325,3 +325,31 @@ async def test_answers_in_progress_together_keep_within_reply_cache_bytes() -> N
     assert rest == []  # its final part carries no data
     assert caught.value.details["limit"] == str(limits.reply_cache_bytes)
     assert server.dispatcher.in_progress_bytes == 0
+
+
+async def test_draining_cancels_streams_whose_reader_leaves_during_the_drain(
+    client_identity: sigwire.Identity,
+) -> None:
+    """A reader that leaves after the drain began frees its handlers too, well before the grace."""
+    async with builtin_server(limits=sigwire.Limits(rate=None)) as server:
+        channel = grpc.aio.insecure_channel(server.urls[0].removeprefix("grpc://"))
+        try:
+            async with (
+                asyncio.timeout(TIMEOUT),
+                sigwire.connect(server.urls[0], learn_endpoints=False) as healthy,
+            ):
+                call = raw_connect(channel)  # still open: its answers are followed
+                await call.write(frame_bytes(1, *_counts(client_identity, 3)))
+                running = server.dispatcher._running
+                while len(running) < 3:
+                    await _echoes(healthy, 1)
+            stopping = asyncio.create_task(server.stop(grace=TIMEOUT * 10))
+            await asyncio.sleep(0)  # stop() starts draining before its first wait
+            assert not server.dispatcher.accepting
+            assert len(server.dispatcher.running()) == 3  # none cancelled: still followed
+            call.cancel()  # the reader leaves during the drain
+            async with asyncio.timeout(TIMEOUT):
+                await stopping
+        finally:
+            await channel.close(grace=None)
+        assert not server.dispatcher.running()
