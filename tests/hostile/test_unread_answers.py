@@ -14,6 +14,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc.aio
 import pytest
@@ -265,27 +266,38 @@ def _part(data: bytes) -> sigwire.Reply:
     return sigwire.Reply(request_id="r", request_digest=b"", responder="d", data=data, final=False)
 
 
+@contextlib.asynccontextmanager
+async def _three_counts(
+    server: sigwire.Server, me: sigwire.Identity
+) -> AsyncIterator[tuple[Any, sigwire.Peer]]:
+    """A raw Connect call whose three ``count 10000`` have started, and a healthy peer."""
+    channel = grpc.aio.insecure_channel(server.urls[0].removeprefix("grpc://"))
+    try:
+        async with (
+            asyncio.timeout(TIMEOUT),
+            sigwire.connect(server.urls[0], learn_endpoints=False) as healthy,
+        ):
+            call = raw_connect(channel)
+            await call.write(frame_bytes(1, *_counts(me, 3)))
+            while len(server.dispatcher.running()) < 3:
+                await _echoes(healthy, 1)
+            yield call, healthy
+    finally:
+        await channel.close(grace=None)
+
+
 async def test_draining_cancels_streams_whose_reader_has_gone(
     client_identity: sigwire.Identity,
 ) -> None:
     """stop() cancels handlers held back for a reader that left, not waiting out its grace."""
-    async with builtin_server(limits=sigwire.Limits(rate=None)) as server:
-        channel = grpc.aio.insecure_channel(server.urls[0].removeprefix("grpc://"))
-        try:
-            async with (
-                asyncio.timeout(TIMEOUT),
-                sigwire.connect(server.urls[0], learn_endpoints=False) as healthy,
-            ):
-                call = raw_connect(channel)
-                await call.write(frame_bytes(1, *_counts(client_identity, 3)))
-                running = server.dispatcher._running
-                while len(running) < 3:
-                    await _echoes(healthy, 1)
-                call.cancel()  # the reader leaves, its stream closes
-                while sum(entry.unread for entry in running.values()) < 3:
-                    await _echoes(healthy, 1)
-        finally:
-            await channel.close(grace=None)
+    async with (
+        builtin_server(limits=sigwire.Limits(rate=None)) as server,
+        _three_counts(server, client_identity) as (call, healthy),
+    ):
+        call.cancel()  # the reader leaves, its stream closes
+        running = server.dispatcher._running
+        while sum(entry.unread for entry in running.values()) < 3:
+            await _echoes(healthy, 1)
         # A grace far beyond the test's timeout: only cancelling them ends it in time.
         async with asyncio.timeout(TIMEOUT):
             await server.stop(grace=TIMEOUT * 10)
@@ -331,25 +343,15 @@ async def test_draining_cancels_streams_whose_reader_leaves_during_the_drain(
     client_identity: sigwire.Identity,
 ) -> None:
     """A reader that leaves after the drain began frees its handlers too, well before the grace."""
-    async with builtin_server(limits=sigwire.Limits(rate=None)) as server:
-        channel = grpc.aio.insecure_channel(server.urls[0].removeprefix("grpc://"))
-        try:
-            async with (
-                asyncio.timeout(TIMEOUT),
-                sigwire.connect(server.urls[0], learn_endpoints=False) as healthy,
-            ):
-                call = raw_connect(channel)  # still open: its answers are followed
-                await call.write(frame_bytes(1, *_counts(client_identity, 3)))
-                running = server.dispatcher._running
-                while len(running) < 3:
-                    await _echoes(healthy, 1)
-            stopping = asyncio.create_task(server.stop(grace=TIMEOUT * 10))
-            await asyncio.sleep(0)  # stop() starts draining before its first wait
-            assert not server.dispatcher.accepting
-            assert len(server.dispatcher.running()) == 3  # none cancelled: still followed
-            call.cancel()  # the reader leaves during the drain
-            async with asyncio.timeout(TIMEOUT):
-                await stopping
-        finally:
-            await channel.close(grace=None)
+    async with (
+        builtin_server(limits=sigwire.Limits(rate=None)) as server,
+        _three_counts(server, client_identity) as (call, _),
+    ):
+        stopping = asyncio.create_task(server.stop(grace=TIMEOUT * 10))
+        await asyncio.sleep(0)  # stop() starts draining before its first wait
+        assert not server.dispatcher.accepting
+        assert len(server.dispatcher.running()) == 3  # none cancelled: still followed
+        call.cancel()  # the reader leaves during the drain
+        async with asyncio.timeout(TIMEOUT):
+            await stopping
         assert not server.dispatcher.running()
